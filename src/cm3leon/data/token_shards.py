@@ -1,0 +1,107 @@
+"""Token shards: the training-ready WebDataset format written by `src/preprocess.py`.
+
+One tar per raw input shard (same file name), one sample per image-caption pair:
+
+    KEY.json        {"key": ..., "caption": ...}
+    KEY.text.npy    uint16 [n_text]   BPE ids of the caption (no BOS/EOS)
+    KEY.codes.npy   uint16 [h*w]      image codes in [0, n_image_codes) (no vocabulary offset)
+    KEY.clip.npy    float16 [dim]     CLIP document embedding (only when retrieval preprocessing ran)
+
+Beside the tars, `meta.json` records what made them (tokenizers and their hashes, the vocabulary
+sizes, tokens per image) so that the training code can build the matching `Vocab` and refuse
+shards made with a different tokenizer; `NNNNNN.stats.json` holds each shard's counts and
+`report.json` the whole run's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+FORMAT_VERSION = 1
+META_FILE = "meta.json"
+REPORT_FILE = "report.json"
+
+
+@dataclass
+class TokenSample:
+    key: str
+    caption: str
+    text_ids: np.ndarray  # uint16 [n_text]
+    codes: np.ndarray  # uint16 [h*w]
+    clip: np.ndarray | None = None  # float16 [dim]
+
+
+def _npy_bytes(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _npy_load(b: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(b), allow_pickle=False)
+
+
+def encode_sample(s: TokenSample) -> dict:
+    """TokenSample -> a dict of raw bytes for `webdataset.TarWriter`."""
+    if s.text_ids.max(initial=0) > np.iinfo(np.uint16).max or s.codes.max(initial=0) > np.iinfo(np.uint16).max:
+        raise ValueError(f"{s.key}: ids do not fit uint16 (text vocabulary or codebook too large)")
+    out = {
+        "__key__": s.key,
+        "json": json.dumps({"key": s.key, "caption": s.caption}).encode("utf-8"),
+        "text.npy": _npy_bytes(np.asarray(s.text_ids, dtype=np.uint16)),
+        "codes.npy": _npy_bytes(np.asarray(s.codes, dtype=np.uint16)),
+    }
+    if s.clip is not None:
+        out["clip.npy"] = _npy_bytes(np.asarray(s.clip, dtype=np.float16))
+    return out
+
+
+def decode_sample(raw: dict) -> TokenSample:
+    """A raw webdataset sample (bytes per member) -> TokenSample."""
+    meta = json.loads(raw["json"])
+    return TokenSample(
+        key=meta["key"],
+        caption=meta["caption"],
+        text_ids=_npy_load(raw["text.npy"]),
+        codes=_npy_load(raw["codes.npy"]),
+        clip=_npy_load(raw["clip.npy"]) if "clip.npy" in raw else None,
+    )
+
+
+def file_sha256(path: str | Path, limit: int | None = None) -> str:
+    """Hex sha256 of a file (of its first `limit` bytes when given)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        remaining = limit
+        while chunk := f.read(1 << 20 if remaining is None else min(1 << 20, remaining)):
+            h.update(chunk)
+            if remaining is not None:
+                remaining -= len(chunk)
+                if remaining <= 0:
+                    break
+    return h.hexdigest()
+
+
+def write_meta(out_dir: str | Path, meta: dict) -> None:
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(out_dir) / META_FILE).write_text(json.dumps({"format_version": FORMAT_VERSION, **meta}, indent=2))
+
+
+def read_meta(token_dir: str | Path) -> dict:
+    """Read `meta.json` of a token-shard folder; one clear line when it is missing."""
+    path = Path(token_dir) / META_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: {token_dir} holds no token shards; make them with `python src/preprocess.py` "
+            "(README: 'Bring your own data')"
+        )
+    meta = json.loads(path.read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: token-shard format {meta.get('format_version')} != {FORMAT_VERSION}; rerun preprocess")
+    return meta

@@ -1,0 +1,41 @@
+"""Train the byte-level BPE text tokenizer on the captions of raw shards.
+
+    python src/train_bpe.py                                   # embedded world -> data/shipped/world_bpe.json
+    python src/train_bpe.py input='/data/raw/{000000..000999}.tar' vocab_size=56320 out=data/bpe.json
+
+The paper's text vocabulary is 56,320 entries (PAPER.md section 1); the embedded world's captions
+saturate far below that, so the shipped tokenizer is small. Rebuild the shipped one with
+`make tokenizers` (or the first command above after `python src/make_world.py`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import hydra
+import webdataset as wds
+from omegaconf import DictConfig
+
+import cm3leon  # noqa: F401  (sets PROJECT_ROOT)
+from cm3leon.data.raw_shards import list_shards
+from cm3leon.tokenizers.text_tokenizer import train_bpe
+
+
+def iter_captions(shards: list[str], max_docs: int | None):
+    """Yield the `.txt` member of every sample; unreadable members are skipped."""
+    ds = wds.WebDataset(shards, shardshuffle=False, handler=wds.warn_and_continue, empty_check=False)
+    captions = (s["txt"].decode("utf-8", "replace").strip() for s in ds if "txt" in s)
+    return itertools.islice((c for c in captions if c), max_docs)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train_bpe")
+def main(cfg: DictConfig) -> None:
+    shards = list_shards(cfg.input)
+    tok = train_bpe(iter_captions(shards, cfg.max_docs), cfg.vocab_size, cfg.min_frequency)
+    tok.save(cfg.out)
+    print(json.dumps({"out": str(cfg.out), "vocab_size": tok.vocab_size, "shards": len(shards)}))
+
+
+if __name__ == "__main__":
+    main()
