@@ -10,7 +10,6 @@ their longest sequence; targets are the inputs shifted by one with no-loss posit
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -19,23 +18,13 @@ from torch.utils.data import DataLoader
 
 from cm3leon.data.raw_shards import list_shards
 from cm3leon.data.sequences import IGNORE_INDEX, Document, build_sequence, pad_batch
-from cm3leon.data.token_shards import TokenSample, decode_sample, read_meta
+from cm3leon.data.token_shards import TokenSample, decode_sample, load_token_vocab
 from cm3leon.data.token_stream import TokenShardStream, read_token_shard
 from cm3leon.objective import cm3_transform, loss_mask
 from cm3leon.vocab import PAD_ID, Vocab
 
 # A neighbour source maps (sample, rng) -> the retrieved documents to put before it.
 NeighbourSource = Callable[[TokenSample, np.random.Generator], list[Document]]
-
-
-def _require_dir(path: str, what: str) -> Path:
-    p = Path(path)
-    if not p.is_dir():
-        raise FileNotFoundError(
-            f"{what} {p} not found; make token shards with `python src/preprocess.py` "
-            "(README: 'Bring your own data')"
-        )
-    return p
 
 
 class CM3DataModule(L.LightningDataModule):
@@ -89,13 +78,7 @@ class CM3DataModule(L.LightningDataModule):
     def load_meta(self) -> Vocab:
         """Read the token shards' meta.json (cheap, no shard is opened) and build the Vocab."""
         if self.vocab is None:
-            _require_dir(self.train_dir, "training token shards")
-            self.meta = read_meta(self.train_dir)
-            val_meta = read_meta(_require_dir(self.val_dir, "validation token shards"))
-            for name in ("image_tokenizer", "text_tokenizer"):
-                if val_meta[name]["sha256"] != self.meta[name]["sha256"]:
-                    raise ValueError(f"{self.train_dir} and {self.val_dir} were made with different {name}s")
-            self.vocab = Vocab(**self.meta["vocab"], **self.vocab_overrides)
+            self.vocab, self.meta = load_token_vocab(self.train_dir, self.val_dir, **self.vocab_overrides)
         return self.vocab
 
     @property
@@ -104,12 +87,10 @@ class CM3DataModule(L.LightningDataModule):
         return int(self.meta["tokens_per_image"])
 
     def setup(self, stage: str | None = None) -> None:
-        vocab = self.load_meta()
+        self.load_meta()
         if self.seq_len < self.tokens_per_image + 4:
             raise ValueError(f"data.seq_len={self.seq_len} cannot hold one image of {self.tokens_per_image} tokens")
-        self.transform_kwargs.setdefault("max_spans", vocab.n_sentinels)
-        if self.transform_kwargs["max_spans"] > vocab.n_sentinels:
-            raise ValueError(f"objective max_spans={self.transform_kwargs['max_spans']} > {vocab.n_sentinels} sentinels")
+        # cm3_transform caps the span count at the vocabulary's sentinel count
         self.train_shards = list_shards(self.train_dir)
         self.val_shards = list_shards(self.val_dir)
 

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cm3leon.vocab import Vocab
+
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
 REPORT_FILE = "report.json"
@@ -105,3 +107,22 @@ def read_meta(token_dir: str | Path) -> dict:
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: token-shard format {meta.get('format_version')} != {FORMAT_VERSION}; rerun preprocess")
     return meta
+
+
+def load_token_vocab(train_dir: str | Path, val_dir: str | Path, **vocab_overrides) -> tuple[Vocab, dict]:
+    """The Vocab of a train/val pair of token-shard folders (from meta.json; no shard is opened).
+
+    Raises FileNotFoundError naming a missing folder, ValueError when the two folders were made
+    with different tokenizers. `vocab_overrides`: base_size, n_sentinels, pad_multiple.
+    """
+    for what, d in (("training", train_dir), ("validation", val_dir)):
+        if not Path(d).is_dir():
+            raise FileNotFoundError(
+                f"{what} token shards {d} not found; make them with `python src/preprocess.py` "
+                "(README: 'Bring your own data')"
+            )
+    meta, val_meta = read_meta(train_dir), read_meta(val_dir)
+    for name in ("image_tokenizer", "text_tokenizer"):
+        if val_meta[name]["sha256"] != meta[name]["sha256"]:
+            raise ValueError(f"{train_dir} and {val_dir} were made with different {name}s; preprocess both again")
+    return Vocab(**meta["vocab"], **vocab_overrides), meta

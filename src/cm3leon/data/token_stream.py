@@ -13,9 +13,10 @@ at random, repeating and skipping data. Here the stream is a pure function of (s
   (seed, epoch, shard index, sample index), so a resumed stream yields identical examples.
 
 To resume after `n` consumed batches, `start_batch = n`: PyTorch's DataLoader hands out batches
-round-robin over workers, so worker w has produced ceil((n - w) / W) batches of `batch_size`
-samples; each worker skips exactly that many samples, skipping whole shards by their sample
-count (from preprocessing's stats sidecar) without reading them.
+round-robin over workers, so the worker of role r has produced ceil((n - r) / W) batches of
+`batch_size` samples, and the resumed loader's worker w takes role (w + n) mod W (its first batch
+is global batch n). Each worker skips exactly its role's consumed samples, skipping whole shards
+by their sample count (from preprocessing's stats sidecar) without reading them.
 """
 
 from __future__ import annotations
@@ -92,22 +93,25 @@ class TokenShardStream(IterableDataset):
         self.batch_size = batch_size
         self.start_batch = 0  # batches already consumed on this rank (set when resuming)
 
-    def _samples_to_skip(self, worker: int, num_workers: int) -> int:
+    def _samples_to_skip(self, role: int, num_workers: int) -> int:
         n = self.start_batch
-        batches = max(0, -(-(n - worker) // num_workers))  # ceil((n - worker) / num_workers)
+        batches = max(0, -(-(n - role) // num_workers))  # ceil((n - role) / num_workers)
         return batches * self.batch_size
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        # A resumed DataLoader asks worker 0 for the next batch first: rotate the roles so that
+        # worker w continues the stream of the worker that would have produced that batch.
+        role = (worker + self.start_batch) % num_workers if self.train else worker
         rank, world = _dist_rank_world()
-        g, G = rank * num_workers + worker, world * num_workers
+        g, G = rank * num_workers + role, world * num_workers
         if self.train and len(self.shards) < G:
             raise ValueError(
                 f"{len(self.shards)} training shards < {G} readers (ranks x dataloader workers): some would starve; "
                 "lower data.num_workers or write more, smaller shards"
             )
-        skip = self._samples_to_skip(worker, num_workers) if self.train else 0
+        skip = self._samples_to_skip(role, num_workers) if self.train else 0
         epoch = 0
         while True:
             order = np.arange(len(self.shards))

@@ -1,0 +1,141 @@
+"""The LightningModule of the main job: the CM3Leon decoder trained with the CM3 objective.
+
+Loss (PAPER.md section 3): plain next-token cross-entropy over every target the DataModule left
+in (all non-pad tokens, retrieved documents included; targets = -100 carry no loss). Validation
+splits the loss by the kind of target token: text, image, and structure (<break>, sentinels,
+<eoss>).
+
+Optimizer (PAPER.md section 2, [C]): AdamW betas (0.9, 0.95), eps 1e-8, weight decay 0.1 on every
+matrix (token embeddings and position embeddings included, as in metaseq which decays all
+parameters); parameters with fewer than 2 dimensions (biases, affine norm weights; none with the
+paper's architecture) are exempt. LR: linear warmup to the peak, then linear decay to
+`final_lr_ratio` x peak (0.1) at `max_steps`.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics import Metric, SumMetric
+
+from cm3leon.data.sequences import IGNORE_INDEX
+from cm3leon.model import CM3LeonLM, ModelConfig
+from cm3leon.vocab import Vocab
+
+
+def warmup_linear_decay(step: int, warmup: int, total: int, final_ratio: float) -> float:
+    """LR multiplier: 0 -> 1 over `warmup` steps, then linearly to `final_ratio` at `total`, flat after."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / (total - warmup))
+    return 1.0 - (1.0 - final_ratio) * progress
+
+
+class TokenCounts(Metric):
+    """Counts of every token id seen (summed across processes): a [V] float vector."""
+
+    def __init__(self, vocab_size: int):
+        super().__init__()
+        self.add_state("counts", torch.zeros(vocab_size), dist_reduce_fx="sum")
+
+    def update(self, ids: torch.Tensor) -> None:
+        self.counts += torch.bincount(ids.flatten(), minlength=self.counts.numel()).float()
+
+    def compute(self) -> torch.Tensor:
+        return self.counts
+
+
+class CM3LeonLitModule(L.LightningModule):
+    """Args:
+        model: ModelConfig fields (conf/model/*.yaml); vocab_size is taken from `vocab`.
+        vocab: `Vocab.to_dict()` of the training data.
+        optim: {lr, betas, eps, weight_decay, warmup_steps, final_lr_ratio, max_steps}.
+        compile: wrap the model in torch.compile.
+    """
+
+    def __init__(self, model: dict, vocab: dict, optim: dict, compile: bool = False):
+        super().__init__()
+        self.save_hyperparameters()
+        self.vocab = Vocab.from_dict(vocab)
+        self.config = ModelConfig.from_dict(dict(model), vocab_size=self.vocab.size)
+        self.model = CM3LeonLM(self.config)
+        self.optim = dict(optim)
+        self._compiled = torch.compile(self.model) if compile else self.model
+        self.flops_per_batch = 0  # read by lightning's ThroughputMonitor (MFU)
+        # validation loss sums per target kind: all / text / image / structure
+        self.val_sums = torch.nn.ModuleDict({k: SumMetric() for k in ("all", "text", "image", "struct")})
+        self.val_counts = torch.nn.ModuleDict({k: SumMetric() for k in ("all", "text", "image", "struct")})
+        # counts of every validation target id: the unigram baseline's loss is their entropy
+        self.val_unigram = TokenCounts(self.vocab.size)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, V]."""
+        return self._compiled(input_ids)
+
+    def _token_losses(self, batch: dict) -> torch.Tensor:
+        """Per-target cross-entropy [B, T] (0 where target is -100), computed in fp32."""
+        logits = self(batch["input_ids"])
+        B, T, V = logits.shape
+        return F.cross_entropy(
+            logits.float().view(B * T, V), batch["targets"].view(B * T), ignore_index=IGNORE_INDEX, reduction="none"
+        ).view(B, T)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        losses = self._token_losses(batch)
+        n = (batch["targets"] != IGNORE_INDEX).sum()
+        loss = losses.sum() / n.clamp(min=1)
+        B, T = batch["input_ids"].shape
+        self.flops_per_batch = self.model.flops_per_token(T) * B * T
+        self.log("train/loss", loss, prog_bar=True, batch_size=B)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        losses = self._token_losses(batch)
+        targets = batch["targets"]
+        valid = targets != IGNORE_INDEX
+        kinds = {
+            "all": valid,
+            "text": valid & self.vocab.is_text(targets),
+            "image": valid & self.vocab.is_image(targets),
+        }
+        kinds["struct"] = valid & ~kinds["text"] & ~kinds["image"]
+        for k, m in kinds.items():
+            self.val_sums[k].update(losses[m].sum())
+            self.val_counts[k].update(m.sum())
+        self.val_unigram.update(targets[valid])
+
+    def on_validation_epoch_end(self) -> None:
+        for k in self.val_sums:
+            total, count = self.val_sums[k].compute(), self.val_counts[k].compute()
+            self.val_sums[k].reset()
+            self.val_counts[k].reset()
+            if count > 0:
+                loss = total / count
+                name = "val/loss" if k == "all" else f"val/loss_{k}"
+                self.log(name, loss, prog_bar=k == "all", sync_dist=False)
+                if k in ("all", "text", "image"):
+                    self.log(name.replace("loss", "ppl"), torch.exp(loss.clamp(max=30)))
+        counts = self.val_unigram.compute()
+        self.val_unigram.reset()
+        if counts.sum() > 0:
+            p = counts[counts > 0] / counts.sum()
+            # the best unigram model's loss on these targets: the bar the model must clear
+            self.log("val/unigram_loss", -(p * p.log()).sum())
+
+    def configure_optimizers(self):
+        o = self.optim
+        decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": o["weight_decay"]}]
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0})
+        fused = torch.cuda.is_available() and self.device.type == "cuda"
+        opt = torch.optim.AdamW(groups, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"], fused=fused or None)
+        total = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else o["warmup_steps"]
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: warmup_linear_decay(s, o["warmup_steps"], total, o["final_lr_ratio"])
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -1,0 +1,345 @@
+"""The CM3Leon transformer: a decoder-only LM like OPT/metaseq, in one readable file.
+
+Paper choices (PAPER.md section 2) are the defaults of `ModelConfig`: no bias terms, no dropout,
+LayerNorm without learnable parameters, pre-LN + final LN, ReLU FFN of width 4d, learned absolute
+position embeddings (init std 0.0002), truncated-normal init std 0.006 cut at 3 sigma, residual
+output layers (attention out-proj, FFN fc2) initialised to 0, tied input/output embeddings, no
+embedding scaling, sequence length 4096.
+
+    cfg = ModelConfig.from_name("350m")                 # or ModelConfig.from_dict(hydra_cfg.model)
+    model = CM3LeonLM(cfg)
+    logits = model(idx)                                 # idx [B, T] long -> logits [B, T, V]
+
+The loss lives outside (the LightningModule): next-token cross-entropy over `loss_mask` targets.
+
+Incremental decoding uses a `KVCache` beside the model: preallocated static tensors
+[B, H, max_len, hd] per layer, written in place, so that a decode step has static shapes and can be
+compiled / CUDA-graphed later:
+
+    cache = model.new_cache(batch_size=B, max_len=T_max)
+    logits = model(prompt, input_pos=torch.arange(T0), cache=cache)          # prefill [B, T0, V]
+    logits = model(next_tok, input_pos=torch.tensor([T0]), cache=cache)      # one step [B, 1, V]
+
+Positions are shared by the batch (same-length prompts); left-padding is not supported.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from cm3leon.vocab import Vocab
+
+# The sizes of the paper (PAPER.md section 2 table; heads from Meta's code) plus a CPU-sized one.
+# This registry is the single source of truth; conf/model/*.yaml repeat these numbers so that
+# Hydra users can see and override every field (`model.n_layer=12`), and tests/test_model.py
+# checks that the two agree.
+SIZES: dict[str, dict[str, int]] = {
+    "tiny": dict(n_layer=4, d_model=256, n_head=4, max_seq_len=512),
+    "350m": dict(n_layer=24, d_model=1024, n_head=16, max_seq_len=4096),
+    "760m": dict(n_layer=24, d_model=1536, n_head=16, max_seq_len=4096),
+    "7b": dict(n_layer=32, d_model=4096, n_head=32, max_seq_len=4096),
+}
+
+_NORMS = ("layernorm_noaffine", "layernorm", "rmsnorm")
+_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
+_POS_EMBS = ("learned", "none")
+_ATTN_IMPLS = ("sdpa", "math")
+
+
+def _paper_vocab_size() -> int:
+    return Vocab.paper().size  # 66,056 rows: 65,536 base ids + <break>, <eoss>, 514 sentinels, padded to x8
+
+
+@dataclass
+class ModelConfig:
+    """Every architectural choice, defaulting to the paper's (PAPER.md section 2)."""
+
+    n_layer: int
+    d_model: int
+    n_head: int
+    name: str = "custom"
+    ffn_mult: int = 4  # FFN hidden width = ffn_mult * d_model
+    vocab_size: int = field(default_factory=_paper_vocab_size)  # embedding rows (Vocab.size)
+    max_seq_len: int = 4096  # rows of the learned position table
+    bias: bool = False
+    dropout: float = 0.0  # residual and attention dropout
+    norm: str = "layernorm_noaffine"  # LayerNorm without learnable parameters
+    norm_eps: float = 1e-5
+    pre_ln: bool = True
+    final_ln: bool = True  # LN after the last block (used with pre_ln)
+    activation: str = "relu"
+    pos_emb: str = "learned"
+    pos_init_std: float = 0.0002
+    init_std: float = 0.006  # truncated normal ...
+    init_trunc_sigmas: float = 3.0  # ... cut at +-3 sigma
+    zero_init_residual_out: bool = True  # attention out-proj and FFN fc2 start at 0
+    tie_embeddings: bool = True
+    embed_scale: float = 1.0  # token embeddings are multiplied by this (1.0: no scaling)
+    attn_impl: str = "sdpa"  # "sdpa" (F.scaled_dot_product_attention) or "math" (reference)
+    activation_checkpointing: bool = False  # recompute each block in backward
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model={self.d_model} must be divisible by n_head={self.n_head}")
+        for what, value, allowed in (
+            ("norm", self.norm, _NORMS),
+            ("activation", self.activation, tuple(_ACTIVATIONS)),
+            ("pos_emb", self.pos_emb, _POS_EMBS),
+            ("attn_impl", self.attn_impl, _ATTN_IMPLS),
+        ):
+            if value not in allowed:
+                raise ValueError(f"model.{what}={value!r} is not one of {allowed}")
+        if self.vocab_size <= 0 or self.max_seq_len <= 0:
+            raise ValueError("model.vocab_size and model.max_seq_len must be positive")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def d_ff(self) -> int:
+        return self.ffn_mult * self.d_model
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> "ModelConfig":
+        """A registry size (`SIZES`) with any field overridden: `from_name("350m", max_seq_len=2048)`."""
+        if name not in SIZES:
+            raise ValueError(f"unknown model size {name!r}; choose one of {sorted(SIZES)}")
+        return cls(**{**SIZES[name], "name": name, **overrides})
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], **overrides: Any) -> "ModelConfig":
+        """From a Hydra `model` node (conf/model/*.yaml). `vocab_size: null` means "from the data":
+        pass `vocab_size=vocab.size`; left null it becomes the paper's table size. The node's
+        `recipe` (LR, warmup, batch: training settings, not architecture) is ignored."""
+        d = {k: v for k, v in {**dict(d), **overrides}.items() if k != "recipe"}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"model config has unknown keys {unknown}; known keys: {sorted(known)}")
+        if d.get("vocab_size") is None:
+            d["vocab_size"] = _paper_vocab_size()
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# KV cache
+# ---------------------------------------------------------------------------------------------
+class KVCache:
+    """Preallocated keys/values for incremental decoding: per layer two tensors [B, H, max_len, hd].
+
+    The tensors never change shape or address (writes are `index_copy_`), so a decode step is
+    static-shaped. Positions `input_pos` [T] are shared by every sequence of the batch.
+    """
+
+    def __init__(self, n_layer: int, batch_size: int, n_head: int, max_len: int, head_dim: int,
+                 *, device=None, dtype=torch.float32):
+        shape = (batch_size, n_head, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.batch_size, self.max_len = batch_size, max_len
+
+    def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v [B, H, T, hd] at positions input_pos [T]; return the full k, v [B, H, max_len, hd]."""
+        k_cache, v_cache = self.k[layer], self.v[layer]
+        k_cache.index_copy_(2, input_pos, k.to(k_cache.dtype))
+        v_cache.index_copy_(2, input_pos, v.to(v_cache.dtype))
+        return k_cache, v_cache
+
+    def attn_mask(self, input_pos: torch.Tensor) -> torch.Tensor:
+        """Boolean mask [T, max_len]: query at position p sees cached keys at positions <= p."""
+        keys = torch.arange(self.max_len, device=input_pos.device)
+        return keys[None, :] <= input_pos[:, None]
+
+    def reset(self) -> None:
+        for t in self.k + self.v:
+            t.zero_()
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocks
+# ---------------------------------------------------------------------------------------------
+def _make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "layernorm_noaffine":
+        return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, elementwise_affine=False)
+    if cfg.norm == "layernorm":
+        return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+    return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps, elementwise_affine=False)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.head_dim, self.impl = cfg.n_head, cfg.head_dim, cfg.attn_impl
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
+        self.out_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)  # residual output
+        self.attn_dropout = cfg.dropout
+
+    def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None = None,
+                cache: KVCache | None = None, layer: int = 0, mask: torch.Tensor | None = None):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        # [B, T, C] -> [B, H, T, hd]
+        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        if cache is not None:
+            k, v = cache.update(layer, input_pos, k, v)  # [B, H, max_len, hd]
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        dropout_p = self.attn_dropout if self.training else 0.0
+        if self.impl == "sdpa":
+            if mask is None:
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        else:  # explicit reference implementation
+            att = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # [B, H, T, S]
+            if mask is None:
+                mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+            att = F.dropout(att, dropout_p, training=self.training)
+            y = att @ v
+        y = y.transpose(1, 2).reshape(B, T, C)  # [B, T, C]
+        return self.out_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        self.fc2 = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)  # residual output
+        self.act = _ACTIVATIONS[cfg.activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.pre_ln = cfg.pre_ln
+        self.ln1, self.ln2 = _make_norm(cfg), _make_norm(cfg)
+        self.attn, self.mlp = CausalSelfAttention(cfg), MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, input_pos=None, cache=None, layer=0, mask=None):
+        if self.pre_ln:
+            x = x + self.drop(self.attn(self.ln1(x), input_pos, cache, layer, mask))
+            return x + self.drop(self.mlp(self.ln2(x)))
+        x = self.ln1(x + self.drop(self.attn(x, input_pos, cache, layer, mask)))
+        return self.ln2(x + self.drop(self.mlp(x)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+class CM3LeonLM(nn.Module):
+    """Decoder-only LM over the joint text+image vocabulary. forward: idx [B, T] -> logits [B, T, V]."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = cfg = config
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.pos_emb == "learned" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = _make_norm(cfg) if (cfg.final_ln and cfg.pre_ln) else nn.Identity()
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Paper init: truncated normal std 0.006 at +-3 sigma everywhere, position table std 0.0002,
+        biases 0, residual output layers 0 (each block starts as the identity)."""
+        cfg = self.config
+        std, cut = cfg.init_std, cfg.init_trunc_sigmas
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.trunc_normal_(module.weight, 0.0, std, -cut * std, cut * std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        if self.pos_emb is not None:
+            s = cfg.pos_init_std
+            nn.init.trunc_normal_(self.pos_emb.weight, 0.0, s, -cut * s, cut * s)
+        if cfg.zero_init_residual_out:
+            for block in self.blocks:
+                nn.init.zeros_(block.attn.out_proj.weight)
+                nn.init.zeros_(block.mlp.fc2.weight)
+
+    # ---- forward -------------------------------------------------------------------------
+    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """idx [B, T] long -> logits [B, T, V].
+
+        Without a cache: a full causal forward over positions 0..T-1.
+        With a cache: idx holds the tokens at positions input_pos [T] (shared by the batch); keys
+        and values are written into the cache and every query attends to cached positions <= its own.
+        """
+        B, T = idx.shape
+        if cache is None:
+            if T > self.config.max_seq_len:
+                raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.config.max_seq_len}")
+            mask = None
+            pos = torch.arange(T, device=idx.device)
+        else:
+            if input_pos is None or input_pos.shape != (T,):
+                raise ValueError(f"with a cache, pass input_pos of shape [{T}] (positions of idx)")
+            mask = cache.attn_mask(input_pos)  # [T, max_len]
+            pos = input_pos
+        x = self.tok_emb(idx)  # [B, T, d]
+        if self.config.embed_scale != 1.0:
+            x = x * self.config.embed_scale
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(pos)  # [T, d] broadcast over B
+        x = self.drop(x)
+        ckpt = self.config.activation_checkpointing and self.training and cache is None
+        for i, block in enumerate(self.blocks):
+            if ckpt:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x, input_pos, cache, i, mask)
+        return self.lm_head(self.ln_f(x))  # [B, T, V]
+
+    def new_cache(self, batch_size: int, max_len: int | None = None, *, device=None, dtype=None) -> KVCache:
+        """An empty KV cache for this model (default: max_seq_len positions, the weights' device/dtype)."""
+        cfg, w = self.config, self.tok_emb.weight
+        max_len = cfg.max_seq_len if max_len is None else max_len
+        if max_len > cfg.max_seq_len:
+            raise ValueError(f"cache max_len={max_len} exceeds model.max_seq_len={cfg.max_seq_len}")
+        return KVCache(cfg.n_layer, batch_size, cfg.n_head, max_len, cfg.head_dim,
+                       device=w.device if device is None else device, dtype=w.dtype if dtype is None else dtype)
+
+    # ---- accounting ----------------------------------------------------------------------
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Unique parameters (the tied table counted once). exclude_embeddings drops the token and
+        position tables and an untied output head: what remains is the transformer body."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.tok_emb.weight.numel()
+            if self.pos_emb is not None:
+                n -= self.pos_emb.weight.numel()
+            if not self.config.tie_embeddings:
+                n -= self.lm_head.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token (forward + backward) = 6 N + 12 L d T (PaLM appendix B, nanoGPT).
+
+        N counts every parameter that takes part in a matmul: the transformer body plus the output
+        head V x d (once, tied or not). Lookup tables (token and position embeddings) cost no FLOPs
+        and are left out. 12 L d T is the attention score/value matmuls at sequence length T
+        (full T x T, not halved for causality, as in PaLM's MFU).
+        """
+        cfg = self.config
+        T = cfg.max_seq_len if seq_len is None else seq_len
+        n_matmul = self.num_params(exclude_embeddings=True) + cfg.vocab_size * cfg.d_model
+        return 6 * n_matmul + 12 * cfg.n_layer * cfg.d_model * T
