@@ -1,0 +1,56 @@
+"""Hot-path benchmarks, each against its obvious peer in the same run, printed as JSON lines.
+
+    python src/bench.py                 # every section that exists, on cuda when available
+    python src/bench.py vq train        # chosen sections
+    make bench
+
+Sections: vq (VQGAN encode images/s, tiny and paper256), token_read (training stream vs plain
+webdataset decode), train (one forward+backward vs Hugging Face OPT, same dims), retrieval
+(approximate vs exact FAISS search), generate (KV-cached sampler vs Hugging Face generate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import time
+
+import torch
+
+import cm3leon  # noqa: F401  (sets PROJECT_ROOT)
+
+# section -> (module, function, takes a device argument)
+SECTIONS = {
+    "vq": ("cm3leon.bench.vq", "bench_vq", True),
+    "token_read": ("cm3leon.bench.token_read", "bench_token_read", False),
+    "train": ("cm3leon.bench.train_step", "bench_train_step", True),
+    "retrieval": ("cm3leon.bench.retrieval", "bench_retrieval", False),
+    "generate": ("cm3leon.bench.generate", "bench_generate", True),
+}
+
+
+def available_sections() -> list[str]:
+    return [s for s, (mod, _, _) in SECTIONS.items() if importlib.util.find_spec(mod) is not None]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sections", nargs="*", help=f"any of {list(SECTIONS)} (default: all available)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    unknown = sorted(set(args.sections) - set(SECTIONS))
+    if unknown:
+        parser.error(f"unknown sections {unknown}; choose from {list(SECTIONS)}")
+    for name in args.sections or available_sections():
+        mod, fn, takes_device = SECTIONS[name]
+        func = getattr(importlib.import_module(mod), fn)
+        t0 = time.perf_counter()
+        result = func(args.device) if takes_device else func()
+        print(json.dumps({"bench": name, "device": args.device, **result, "wall_s": round(time.perf_counter() - t0, 1)}),
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
