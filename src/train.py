@@ -122,6 +122,7 @@ def train(cfg: DictConfig) -> dict:
         vocab=vocab.to_dict(),
         optim=OmegaConf.to_container(cfg.optim, resolve=True),
         compile=cfg.compile,
+        data_meta=dm.meta,
     )
     os.environ.setdefault("WANDB_MODE", "offline")  # nothing reaches the network unless the user asks
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]

@@ -54,9 +54,11 @@ class CM3LeonLitModule(L.LightningModule):
         vocab: `Vocab.to_dict()` of the training data.
         optim: {lr, betas, eps, weight_decay, warmup_steps, final_lr_ratio, max_steps}.
         compile: wrap the model in torch.compile.
+        data_meta: the token shards' meta.json (tokenizer paths and hashes, tokens per image), kept
+            in the checkpoint so that generation and evaluation find the matching tokenizers.
     """
 
-    def __init__(self, model: dict, vocab: dict, optim: dict, compile: bool = False):
+    def __init__(self, model: dict, vocab: dict, optim: dict, compile: bool = False, data_meta: dict | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.vocab = Vocab.from_dict(vocab)
