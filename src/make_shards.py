@@ -1,0 +1,43 @@
+"""Bring your own data: raw shards (img2dataset layout) from a folder, a CSV or a JSONL file.
+
+    python src/make_shards.py input=my_images/ out_dir=data/mine/raw
+    python src/make_shards.py input=pairs.jsonl out_dir=data/mine/raw shard_size=5000
+    python src/make_shards.py input=pairs.csv out_dir=DIR image_column=file caption_column=text
+
+img2dataset output (tar shards of jpg + txt + json) is already in this layout: skip this step and
+point the later stages at those shards. See `cm3leon.data.raw_shards` for the layout.
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+import cm3leon  # noqa: F401  (sets PROJECT_ROOT for the configs)
+from cm3leon.data.raw_shards import make_shards
+
+
+def run(cfg: DictConfig) -> dict:
+    """Write the shards a composed make_shards config describes; print a summary; return the manifest."""
+    manifest = make_shards(
+        cfg.input,
+        cfg.out_dir,
+        shard_size=cfg.shard_size,
+        image_column=cfg.image_column,
+        caption_column=cfg.caption_column,
+        key_prefix=cfg.key_prefix,
+    )
+    c = manifest["counts"]
+    reasons = ", ".join(f"{k.removeprefix('skipped_')}: {v}" for k, v in c.items() if k.startswith("skipped_"))
+    print(
+        f"[make_shards] wrote {c['written']} pairs in {len(manifest['shards'])} shards to {cfg.out_dir}; "
+        f"skipped {c['skipped']}" + (f" ({reasons})" if reasons else "")
+    )
+    return manifest
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="make_shards")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
