@@ -1,0 +1,222 @@
+"""Generation speed: our KV-cached sampler vs Hugging Face `generate` on an OPT of the same dims.
+
+    from cm3leon.bench.generate import bench_generate
+    bench_generate("cpu")    # {'ours_tok_s': ..., 'hf_tok_s': ..., 'speedup': ..., 'same_tokens': True, ...}
+
+Both models hold the SAME weights (ours copied into `OPTForCausalLM` configured as the paper's
+architecture, `hf_opt_reference`), see the same prompt, and generate the same number of new tokens
+at batch 1, greedy, so the two token sequences must agree (`same_tokens`). tokens/s = new tokens /
+wall time of the whole call (prefill included), median of `repeats` calls, ours and HF alternated.
+Also: CFG weight 3 (greedy) with our two streams batched in one forward vs HF's `guidance_scale`
+(an extra unbatched forward per step), again checked token for token; top-p 0.9 sampling speed.
+
+On CUDA, additionally (each guarded; they cannot run on a CPU-only machine):
+- `gpu_350m`: 350M, paper vocabulary, bf16, one 1024-token image at batch 1 with CFG
+  (2 rows), eager and with the decode step captured as a CUDA graph (static cache): seconds per
+  image (issue goal: <= 1.5 s); HF generate on the same model for `hf_tokens` tokens (tokens/s).
+- `gpu_350m_batch`: many prompts with CFG at once, CUDA graph: images/s (goal >= 25 on an H200).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from cm3leon.bench.train_step import hf_opt_reference
+from cm3leon.decoding import DecodeSession, DecodingConfig, Picker, generate, generate_images, sample_fixed
+from cm3leon.model import CM3LeonLM, ModelConfig
+from cm3leon.vocab import Vocab
+
+
+# The embedded world's table (the tiny model's real setting): 355 BPE ids + 512 image codes + <break>,
+# <eoss>, 16 sentinels, padded to a multiple of 8. bench_train_step uses 16,384: pass vocab_size=16384.
+WORLD_VOCAB_SIZE = 888
+
+
+def copy_weights_to_opt(model: CM3LeonLM, hf) -> None:
+    """Copy our weights into an `hf_opt_reference(model.config)` (OPT offsets positions by 2)."""
+    d = model.config.d_model
+    dec = hf.model.decoder
+    with torch.no_grad():
+        dec.embed_tokens.weight.copy_(model.tok_emb.weight)
+        dec.embed_positions.weight[2:].copy_(model.pos_emb.weight)
+        for ours, theirs in zip(model.blocks, dec.layers):
+            q, k, v = ours.attn.qkv.weight.split(d)
+            theirs.self_attn.q_proj.weight.copy_(q)
+            theirs.self_attn.k_proj.weight.copy_(k)
+            theirs.self_attn.v_proj.weight.copy_(v)
+            theirs.self_attn.out_proj.weight.copy_(ours.attn.out_proj.weight)
+            theirs.fc1.weight.copy_(ours.mlp.fc1.weight)
+            theirs.fc2.weight.copy_(ours.mlp.fc2.weight)
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(fn, device: str):
+    _sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return time.perf_counter() - t0, out
+
+
+def _alternate(ours, theirs, device: str, repeats: int):
+    """Median seconds of `repeats` calls each, alternated so that a noisy neighbour hits both alike;
+    plus the last outputs of each."""
+    t_ours, t_theirs = [], []
+    for _ in range(repeats):
+        t, a = _timed(ours, device)
+        t_ours.append(t)
+        t, b = _timed(theirs, device)
+        t_theirs.append(t)
+    return statistics.median(t_ours), statistics.median(t_theirs), a, b
+
+
+def _hf_generate(hf, prompt: torch.Tensor, n: int, do_sample: bool = False, top_p: float | None = None, **kw):
+    """HF generate of exactly n new tokens (no EOS stop) -> new tokens [B, n]."""
+    kw.update(dict(do_sample=True, top_p=top_p) if do_sample else dict(do_sample=False))
+    out = hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, use_cache=True, pad_token_id=1,
+                      eos_token_id=None, attention_mask=torch.ones_like(prompt), **kw)
+    return out[:, prompt.shape[1]:]
+
+
+@torch.no_grad()
+def bench_generate(device: str = "cpu", *, size: str = "tiny", vocab_size: int | None = None,
+                   prompt_len: int = 32, new_tokens: int = 128, repeats: int = 3, seed: int = 0,
+                   with_350m: bool = True, cpu_threads: int = 1) -> dict:
+    """Tokens/s of our sampler vs HF generate (same weights, prompt, new-token count, batch 1);
+    on CUDA also the 350M image-generation numbers (see the module docstring).
+
+    cpu_threads: torch threads for the CPU run (restored after). Batch-1 decoding of the tiny model
+    is a chain of small ops; on a shared CPU a second thread mostly adds synchronisation, for HF
+    and us alike."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("bench_generate(device='cuda') but no CUDA device is visible; use device='cpu'")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device={device!r}: use 'cpu' or 'cuda'")
+    threads = torch.get_num_threads()
+    if device == "cpu":
+        torch.set_num_threads(cpu_threads)
+    try:
+        return _bench_generate(device, size, vocab_size, prompt_len, new_tokens, repeats, seed, with_350m)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@torch.no_grad()
+def _bench_generate(device, size, vocab_size, prompt_len, new_tokens, repeats, seed, with_350m) -> dict:
+    vocab_size = vocab_size or WORLD_VOCAB_SIZE
+    torch.manual_seed(seed)
+    # non-zero residual outputs so that greedy decoding is not trivially constant
+    cfg = ModelConfig.from_name(size, vocab_size=vocab_size, zero_init_residual_out=False, init_std=0.02)
+    ours = CM3LeonLM(cfg).to(device).eval()
+    hf = hf_opt_reference(cfg)
+    copy_weights_to_opt(ours.cpu(), hf)
+    ours, hf = ours.to(device), hf.to(device).eval()
+    prompt = torch.randint(4, vocab_size, (1, prompt_len), device=device)
+    result = dict(device=device, size=size, vocab_size=vocab_size, batch_size=1, prompt_len=prompt_len,
+                  new_tokens=new_tokens, torch_threads=torch.get_num_threads())
+
+    ours_greedy = lambda: generate(ours, prompt, new_tokens, temperature=0.0)  # noqa: E731
+    hf_greedy = lambda: _hf_generate(hf, prompt, new_tokens)  # noqa: E731
+    ours_greedy(), hf_greedy()  # warm-up
+    t_ours, t_hf, a, b = _alternate(ours_greedy, hf_greedy, device, repeats)
+    result.update(same_tokens=bool(torch.equal(a, b)), ours_tok_s=new_tokens / t_ours, hf_tok_s=new_tokens / t_hf)
+    result["speedup"] = result["ours_tok_s"] / result["hf_tok_s"]
+
+    # classifier-free guidance (weight 3), greedy: our two streams batched in one forward vs HF's
+    # `guidance_scale` (a second, unbatched forward of the negative prompt each step); HF guides
+    # log-probs, we guide logits: the same distribution, so the tokens must agree again
+    uncond = torch.tensor([[2, vocab_size - 2, vocab_size - 3]], device=device)
+    dec = DecodingConfig(cfg_weight=3.0, temperature=0.0)
+
+    def ours_cfg():
+        session = DecodeSession(ours, [prompt[0].tolist(), uncond[0].tolist()], 2, new_tokens)
+        return sample_fixed(session, Picker(dec), new_tokens, None)
+
+    def hf_cfg():
+        return _hf_generate(hf, prompt, new_tokens, guidance_scale=3.0, negative_prompt_ids=uncond,
+                            negative_prompt_attention_mask=torch.ones_like(uncond))
+
+    t_ours, t_hf, a, b = _alternate(ours_cfg, hf_cfg, device, repeats)
+    result.update(cfg_same_tokens=bool(torch.equal(a, b)), ours_cfg_tok_s=new_tokens / t_ours,
+                  hf_cfg_tok_s=new_tokens / t_hf)
+    result["cfg_speedup"] = result["ours_cfg_tok_s"] / result["hf_cfg_tok_s"]
+
+    # top-p 0.9 sampling (different random streams: speed only)
+    gen = torch.Generator(device=device)
+    ours_topp = lambda: generate(ours, prompt, new_tokens, top_p=0.9, generator=gen.manual_seed(seed))  # noqa: E731
+    hf_topp = lambda: _hf_generate(hf, prompt, new_tokens, do_sample=True, top_p=0.9)  # noqa: E731
+    t_ours, t_hf, _, _ = _alternate(ours_topp, hf_topp, device, repeats)
+    result.update(ours_topp_tok_s=new_tokens / t_ours, hf_topp_tok_s=new_tokens / t_hf)
+    result["topp_speedup"] = result["ours_topp_tok_s"] / result["hf_topp_tok_s"]
+    del ours, hf
+    if device == "cuda" and with_350m:
+        result["gpu_350m"] = _guarded(bench_350m_image)
+        result["gpu_350m_batch"] = _guarded(bench_350m_batch)
+    return result
+
+
+def _guarded(fn) -> dict:
+    """Run a GPU section; an error (e.g. out of memory) is recorded instead of ending the bench."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - a bench section must not hide the others
+        torch.cuda.empty_cache()
+        return {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+
+
+def _350m(dtype=torch.bfloat16) -> tuple[CM3LeonLM, Vocab]:
+    vocab = Vocab.paper()
+    torch.manual_seed(0)
+    model = CM3LeonLM(ModelConfig.from_name("350m", zero_init_residual_out=False)).cuda().to(dtype).eval()
+    return model, vocab
+
+
+@torch.no_grad()
+def bench_350m_image(tokens_per_image: int = 1024, hf_tokens: int = 128, repeats: int = 3) -> dict:
+    """350M bf16, one image (1024 tokens) at batch 1 with CFG: s/image eager and with a CUDA graph;
+    HF generate (same dims, bf16, no CFG) tokens/s over hf_tokens new tokens."""
+    model, vocab = _350m()
+    caption = torch.randint(4, 1000, (20,))
+    dec = DecodingConfig(cfg_weight=3.0, top_p=0.9)
+    out = dict(gpu=torch.cuda.get_device_name(), tokens_per_image=tokens_per_image, cfg_weight=3.0)
+    for name, graph in (("eager", False), ("cuda_graph", True)):
+        gen = lambda: generate_images(model, vocab, [caption], tokens_per_image, decoding=dec,  # noqa: E731
+                                      cuda_graph=graph)
+        gen()  # warm-up (and capture)
+        times = [_timed(gen, "cuda")[0] for _ in range(repeats)]
+        out[f"{name}_s_per_image"] = statistics.median(times)
+    hf = hf_opt_reference(model.config)
+    copy_weights_to_opt(model.float().cpu(), hf)
+    del model
+    hf = hf.cuda().to(torch.bfloat16).eval()
+    prompt = torch.randint(4, 1000, (1, 22), device="cuda")
+    _hf_generate(hf, prompt, 8)
+    t, _ = _timed(lambda: _hf_generate(hf, prompt, hf_tokens, do_sample=True, top_p=0.9), "cuda")
+    out["hf_tok_s_no_cfg"] = hf_tokens / t
+    out["hf_s_per_image_extrapolated"] = tokens_per_image / out["hf_tok_s_no_cfg"]
+    del hf
+    torch.cuda.empty_cache()
+    return out
+
+
+@torch.no_grad()
+def bench_350m_batch(n_images: int = 256, tokens_per_image: int = 1024) -> dict:
+    """350M bf16, n_images prompts with CFG (2 n_images rows) in one batch, CUDA graph: images/s."""
+    model, vocab = _350m()
+    captions = [torch.randint(4, 1000, (20,)) for _ in range(n_images)]
+    dec = DecodingConfig(cfg_weight=3.0, top_p=0.9)
+    torch.cuda.reset_peak_memory_stats()
+    t, _ = _timed(lambda: generate_images(model, vocab, captions, tokens_per_image, decoding=dec, cuda_graph=True),
+                  "cuda")
+    out = dict(n_images=n_images, rows=2 * n_images, seconds=t, images_per_s=n_images / t,
+               peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30)
+    del model
+    torch.cuda.empty_cache()
+    return out

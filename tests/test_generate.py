@@ -1,0 +1,183 @@
+"""src/generate.py on a tiny random checkpoint saved through CM3LeonLitModule: every task, the
+decoding groups, CLIP re-ranking, retrieval, and the one-line error for a missing checkpoint."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+from cm3leon.data.sequences import Document
+
+ROOT = Path(__file__).resolve().parents[1]
+BPE = ROOT / "data" / "shipped" / "world_bpe.json"
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    """A random 2-layer LM checkpoint (Lightning format) whose data meta points at a random tiny
+    VQGAN (64 px, 8x8 = 64 codes of 512) and the shipped world BPE."""
+    import lightning as L
+
+    from cm3leon.lit.lm_module import CM3LeonLitModule
+    from cm3leon.tokenizers.image_tokenizer import ImageTokenizer
+    from cm3leon.tokenizers.text_tokenizer import TextTokenizer
+    from cm3leon.vocab import Vocab
+
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("gen")
+    vq = ImageTokenizer.from_config("tiny")
+    torch.save(vq.model.state_dict(), d / "vq.pt")
+    shutil.copy(ROOT / "conf" / "tokenizer" / "tiny.yaml", d / "vq.yaml")
+    vocab = Vocab(text_size=TextTokenizer.from_file(BPE).vocab_size, n_image_codes=vq.n_codes, n_sentinels=16)
+    meta = {"image_tokenizer": {"path": str(d / "vq.pt")}, "text_tokenizer": {"path": str(BPE)},
+            "tokens_per_image": vq.tokens_per_image}
+    module = CM3LeonLitModule(
+        model=dict(n_layer=2, d_model=32, n_head=2, max_seq_len=192, zero_init_residual_out=False, init_std=0.05),
+        vocab=vocab.to_dict(),
+        optim=dict(lr=1e-3, betas=[0.9, 0.95], eps=1e-8, weight_decay=0.1, warmup_steps=1, final_lr_ratio=0.1,
+                   max_steps=1),
+        data_meta=meta,
+    )
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, accelerator="cpu", enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(d / "last.ckpt")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(d / "photo.png")
+    return d / "last.ckpt"
+
+
+def run_generate(*overrides: str) -> dict:
+    import generate
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        # one thread: tiny ops on a shared CPU only lose time synchronising threads
+        cfg = compose("generate", overrides=["cpu_threads=1", *overrides])
+    threads = torch.get_num_threads()
+    try:
+        return generate.run(cfg)
+    finally:
+        torch.set_num_threads(threads)  # run() sets the thread count; keep the test process as it was
+
+
+def test_missing_checkpoint_is_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "src/generate.py", f"ckpt={tmp_path}/none.ckpt", "prompt=a red circle",
+                        f"hydra.run.dir={tmp_path}/run"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "none.ckpt not found" in lines[0] and "ckpt=PATH" in lines[0], r.stderr
+    import generate
+
+    with pytest.raises(generate.UsageError, match="no checkpoint given"):
+        run_generate("prompt=x")
+    with pytest.raises(generate.UsageError, match="needs prompt"):
+        run_generate(f"ckpt={tmp_path}/none.ckpt")
+
+
+@pytest.mark.parametrize("decoding", ["topp_cfg", "cdk", "mixed"])
+def test_image_task_writes_each_sample_and_a_grid(tiny_ckpt, tmp_path, decoding):
+    n = 4 if decoding == "topp_cfg" else 2
+    out = tmp_path / "run"
+    s = run_generate(f"ckpt={tiny_ckpt}", "prompt=a large red circle in the top left", f"n={n}",
+                     f"decoding={decoding}", f"out_dir={out}", "batch_size=2")
+    for i in range(n):
+        assert Image.open(out / f"sample_{i:02d}.png").size == (64, 64)
+    assert not (out / f"sample_{n:02d}.png").exists()
+    grid = Image.open(out / "grid.png")
+    assert grid.size == (2 + n * 66, 2 + 66)  # make_grid: padding 2 around each 64 px image
+    saved = json.loads((out / "samples.json").read_text())
+    assert saved["decoding"]["strategy"] == {"topp_cfg": "topp", "cdk": "cdk", "mixed": "mixed"}[decoding]
+    assert saved["decoding"]["cfg_weight"] == 3.0 and saved["n"] == n and s["grid"] == str(out / "grid.png")
+
+
+def test_caption_and_vqa_print_the_infilled_text(tiny_ckpt, tmp_path, capsys):
+    photo = tiny_ckpt.parent / "photo.png"
+    s = run_generate(f"ckpt={tiny_ckpt}", "task=caption", f"image={photo}", "caption.max_len=5", f"out_dir={tmp_path}")
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert len(s["texts"]) == 1 and printed[0] == s["texts"][0]  # greedy: one caption, printed first
+    assert json.loads(printed[-1])["task"] == "caption"
+    s = run_generate(f"ckpt={tiny_ckpt}", "task=vqa", f"image={photo}", "question=what colour is the circle?",
+                     "caption.max_len=4", "caption.temperature=1.0", "n=3", f"out_dir={tmp_path}")
+    assert len(s["texts"]) == 3
+    import generate
+
+    with pytest.raises(generate.UsageError, match="needs image"):
+        run_generate(f"ckpt={tiny_ckpt}", "task=caption")
+    with pytest.raises(generate.UsageError, match="unknown keys"):
+        run_generate(f"ckpt={tiny_ckpt}", "prompt=x", "+decoding.cfg_scale=3")
+
+
+def test_edit_and_infill_tasks(tiny_ckpt, tmp_path):
+    photo = tiny_ckpt.parent / "photo.png"
+    run_generate(f"ckpt={tiny_ckpt}", "task=edit", f"image={photo}", "prompt=make it blue", "n=2",
+                 f"out_dir={tmp_path / 'edit'}")
+    assert (tmp_path / "edit" / "edit_01.png").is_file() and (tmp_path / "edit" / "grid.png").is_file()
+    s = run_generate(f"ckpt={tiny_ckpt}", "task=infill", f"image={photo}", "infill.region=[4,0,8,8]", "n=2",
+                     f"out_dir={tmp_path / 'infill'}")
+    assert s["region"] == [4, 0, 8, 8] and (tmp_path / "infill" / "infill_00.png").is_file()
+    assert Image.open(tmp_path / "infill" / "infill_01.png").size == (64, 64)
+
+
+def test_clip_reranking_orders_samples(tiny_ckpt, tmp_path):
+    import open_clip
+
+    from cm3leon.retrieval.tiny_clip import TINY_CLIP, register_tiny_clip
+
+    register_tiny_clip()
+    torch.manual_seed(0)
+    clip = open_clip.create_model(TINY_CLIP)
+    torch.save(clip.state_dict(), tmp_path / "clip.pt")
+    s = run_generate(f"ckpt={tiny_ckpt}", "prompt=a small blue square", "n=3", "rerank.enabled=true",
+                     f"rerank.model_name={TINY_CLIP}", f"rerank.pretrained={tmp_path / 'clip.pt'}",
+                     f"out_dir={tmp_path / 'run'}")
+    scores = s["clip_scores"]
+    assert len(scores) == 3 and all(-1.0 <= x <= 1.0 for x in scores)
+    best = int(np.argmax(scores))
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "run" / "best.png")),
+                          np.asarray(Image.open(tmp_path / "run" / f"sample_{best:02d}.png")))
+    # the scores are CLIP's own cosine similarities
+    from cm3leon.rerank import ClipReranker
+
+    rr = ClipReranker(TINY_CLIP, str(tmp_path / "clip.pt"), device="cpu")
+    images = [Image.open(tmp_path / "run" / f"sample_{i:02d}.png") for i in range(3)]
+    np.testing.assert_allclose(rr.scores(images, ["a small blue square"] * 3), scores, atol=1e-2)
+    order, sorted_scores = rr.rank(images, "a small blue square")
+    assert order[0] == best and np.all(np.diff(sorted_scores) <= 0)
+
+
+class FakeRetriever:
+    """The interface of cm3leon.retrieval.Retriever that generate.py uses:
+    documents(prompts, k) -> list[list[Document]]."""
+
+    def __init__(self, n_codes: int = 512, tokens: int = 64):
+        self.n_codes, self.tokens = n_codes, tokens
+
+    def documents(self, prompts: list[str], k: int) -> list[list[Document]]:
+        rng = np.random.default_rng(0)
+        return [[Document(np.array([40, 41]), rng.integers(0, self.n_codes, self.tokens)) for _ in range(k)]
+                for _ in prompts]
+
+
+def test_retrieved_documents_are_used(tiny_ckpt, tmp_path):
+    s = run_generate(f"ckpt={tiny_ckpt}", "prompt=a red circle", "n=2",
+                     "retrieval.retriever={_target_:test_generate.FakeRetriever}", "retrieval.k=1", f"out_dir={tmp_path}")
+    assert s["n_retrieved"] == 1 and (tmp_path / "sample_01.png").is_file()
+    import generate
+
+    with pytest.raises(generate.UsageError, match="build_index"):
+        run_generate(f"ckpt={tiny_ckpt}", "prompt=x", f"retrieval.folder={tmp_path}/none", f"out_dir={tmp_path}")
+
+
+@pytest.mark.slow
+def test_cli_end_to_end(tiny_ckpt, tmp_path):
+    r = subprocess.run([sys.executable, "src/generate.py", f"ckpt={tiny_ckpt}", "prompt=a red circle", "n=2",
+                        "decoding=mixed", f"hydra.run.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "grid.png").is_file() and (tmp_path / "sample_01.png").is_file()
