@@ -1,0 +1,152 @@
+"""DataModule of images (+ captions) from raw shards, for training the VQGAN.
+
+Raw shards are the img2dataset layout (`KEY.png|jpg`, `KEY.txt`; `cm3leon.data.raw_shards`), read
+with webdataset. Training streams shards resampled with replacement (an endless stream: the
+Trainer stops at `max_steps`); validation reads its shards once, in order, up to `val_max_samples`.
+A sample whose image does not decode is skipped and counted (`ImageShardDataset.skipped`).
+
+Batches: {"image": float [B, 3, R, R] in [-1, 1], "caption": list[str], "key": list[str]}.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from cm3leon.data.raw_shards import list_shards
+from cm3leon.tokenizers.image_processing import preprocess
+
+log = logging.getLogger(__name__)
+
+IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
+
+
+class ImageShardDataset(IterableDataset):
+    """Iterable of {"image": [3, R, R], "caption": str, "key": str} from raw shards.
+
+    train=True: shards resampled with replacement, samples shuffled in a buffer, endless.
+    train=False: each shard once in order (split across dataloader workers), at most max_samples.
+    """
+
+    def __init__(
+        self,
+        shards: str | os.PathLike | Sequence[str],
+        resolution: int,
+        train: bool,
+        shuffle_buffer: int = 1000,
+        max_samples: int | None = None,
+        seed: int = 0,
+    ):
+        self.urls = list_shards(shards)
+        self.resolution, self.train = resolution, train
+        self.shuffle_buffer, self.max_samples, self.seed = shuffle_buffer, max_samples, seed
+        self.skipped = 0
+
+    def _pipeline(self) -> wds.DataPipeline:
+        if self.train:
+            worker = get_worker_info()
+            rank = int(os.environ.get("RANK", 0))
+            # a distinct, reproducible resampling stream per (rank, worker)
+            seed = self.seed + 1000 * rank + (worker.id if worker else 0)
+            return wds.DataPipeline(
+                wds.ResampledShards(self.urls, seed=seed, deterministic=True),
+                wds.tarfile_to_samples(handler=wds.warn_and_continue),
+                wds.shuffle(self.shuffle_buffer, rng=_rng(seed)),
+            )
+        return wds.DataPipeline(
+            wds.SimpleShardList(self.urls),
+            wds.split_by_node,
+            wds.split_by_worker,
+            wds.tarfile_to_samples(handler=wds.warn_and_continue),
+        )
+
+    def _decode(self, raw: dict[str, Any]) -> dict[str, Any] | None:
+        key = raw.get("__key__", "?")
+        try:
+            ext = next((e for e in IMAGE_KEYS if e in raw), None)
+            if ext is None:
+                raise ValueError("no png/jpg/jpeg/webp member")
+            image = Image.open(io.BytesIO(raw[ext]))
+            image.load()
+            caption = raw["txt"].decode("utf-8") if "txt" in raw else ""
+            return {"image": preprocess(image, self.resolution), "caption": caption, "key": key}
+        except Exception as e:  # one bad sample among many: skip it, count it
+            self.skipped += 1
+            log.warning("skipping sample %s (%s: %s); %d skipped so far", key, type(e).__name__, e, self.skipped)
+            return None
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        n = 0
+        for raw in self._pipeline():
+            sample = self._decode(raw)
+            if sample is None:
+                continue
+            yield sample
+            n += 1
+            if self.max_samples is not None and n >= self.max_samples:
+                return
+
+
+def _rng(seed: int):
+    import random
+
+    return random.Random(seed)
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Train/val loaders over raw image shards (folders, globs, brace patterns or lists of tars)."""
+
+    def __init__(
+        self,
+        train_shards: str | Sequence[str],
+        val_shards: str | Sequence[str] | None,
+        resolution: int,
+        batch_size: int = 32,
+        val_batch_size: int | None = None,
+        num_workers: int = 0,
+        shuffle_buffer: int = 1000,
+        val_max_samples: int | None = 1000,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.train_shards, self.val_shards = train_shards, val_shards
+        self.resolution, self.batch_size = resolution, batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
+        self.val_max_samples, self.seed = val_max_samples, seed
+        self.train_set: ImageShardDataset | None = None
+        self.val_set: ImageShardDataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is None:
+            self.train_set = ImageShardDataset(
+                self.train_shards, self.resolution, train=True, shuffle_buffer=self.shuffle_buffer, seed=self.seed
+            )
+        if self.val_set is None and self.val_shards:
+            self.val_set = ImageShardDataset(
+                self.val_shards, self.resolution, train=False, max_samples=self.val_max_samples
+            )
+
+    def _loader(self, ds: ImageShardDataset, batch_size: int) -> DataLoader:
+        return DataLoader(
+            ds,
+            batch_size=batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, self.batch_size)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return [] if self.val_set is None else self._loader(self.val_set, self.val_batch_size)

@@ -1,0 +1,143 @@
+"""VQGAN training: the real Hydra script on tiny shards (fast_dev_run + export), the data module, and
+the module's GAN / EMA / dead-code paths."""
+
+from __future__ import annotations
+
+import sys
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from cm3leon import PROJECT_ROOT
+from cm3leon.data.image_datamodule import ImageShardDataset
+from cm3leon.data.raw_shards import write_shard
+from cm3leon.data.world import sample_for
+from cm3leon.lit.vqgan_module import VQGANModule
+from cm3leon.tokenizers import ImageTokenizer
+
+TINY16 = dict(ch=8, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[], z_channels=8, embed_dim=4,
+              n_embed=16, resolution=16, num_groups=4)
+
+
+def _write_world_shards(folder, n, bad_keys=()):
+    """n world samples (64 px) in one shard; samples listed in bad_keys get an undecodable png."""
+    folder.mkdir(parents=True, exist_ok=True)
+    samples = []
+    for i in range(n):
+        s = sample_for(0, "val", i)
+        if i in bad_keys:
+            s["png"] = b"not a png"
+        samples.append(s)
+    write_shard(folder / "000000.tar", samples)
+    return folder
+
+
+def test_dataset_skips_undecodable_samples(tmp_path):
+    shards = _write_world_shards(tmp_path / "val", 6, bad_keys=(2,))
+    ds = ImageShardDataset(shards, resolution=32, train=False)
+    items = list(ds)
+    assert len(items) == 5 and ds.skipped == 1
+    assert items[0]["image"].shape == (3, 32, 32) and items[0]["caption"].startswith("a ")
+    batch = next(iter(DataLoader(ds, batch_size=4)))
+    assert batch["image"].shape == (4, 3, 32, 32) and len(batch["caption"]) == 4
+    # training stream: endless, resampled
+    train = iter(ImageShardDataset(shards, resolution=32, train=True, shuffle_buffer=4))
+    assert len([next(train) for _ in range(12)]) == 12
+
+
+def test_hydra_script_fast_dev_run_and_export(tmp_path):
+    """The script's own `train(cfg)` on its real composed config (in process: no interpreter start-up)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    sys.path.insert(0, str(PROJECT_ROOT / "src"))
+    from train_tokenizer import train
+
+    train_dir = _write_world_shards(tmp_path / "train", 8, bad_keys=(3,))
+    val_dir = _write_world_shards(tmp_path / "val", 4)
+    export = tmp_path / "export" / "vq.ckpt"
+    overrides = [
+        f"paths.output_dir={tmp_path / 'run'}",
+        f"data.train_shards={train_dir}", f"data.val_shards={val_dir}", "data.world=false",
+        "module.val.caption_accuracy=true",  # world captions: the checker scores the reconstructions
+        "data.batch_size=4", "data.val_batch_size=4", "data.shuffle_buffer=4",
+        "trainer.fast_dev_run=true", "trainer.enable_progress_bar=false", "logger.wandb=false",
+        f"export_to={export}",
+    ]
+    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train_tokenizer", overrides=overrides, return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+        summary = train(cfg)
+    assert {"train/rec_loss", "train/q_loss", "train/codebook_usage", "train/perplexity", "train/dead_codes",
+            "val/rec_loss", "val/caption_accuracy"} <= set(summary)
+    assert 0.0 <= summary["val/caption_accuracy"] <= 1.0
+    # the export holds only VQModel keys and loads strictly with its yaml
+    sd = torch.load(export, weights_only=True)["state_dict"]
+    assert all(k.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "quantize.")) for k in sd)
+    assert "rebuild:" in export.with_suffix(".yaml").read_text()
+    tok = ImageTokenizer.from_checkpoint(export)
+    assert tok.resolution == 64 and tok.tokens_per_image == 64 and tok.n_codes == 512
+
+
+def _random_loader(n_batches=4, bs=4, res=16):
+    g = torch.Generator().manual_seed(0)
+    data = [{"image": torch.rand(3, res, res, generator=g) * 2 - 1, "caption": ""} for _ in range(n_batches * bs)]
+    return DataLoader(data, batch_size=bs)
+
+
+def test_module_gan_restart_and_ema(tmp_path, ema=True):
+    """Two optimizers (GAN after disc_start), EMA codebook and restarts in one short fit (the gradient
+    codebook path runs in the fast_dev_run test above)."""
+    module = VQGANModule(
+        tokenizer=TINY16,
+        optim={"lr": 1e-3, "total_steps": 4},
+        loss={"disc_enabled": True, "disc_start": 2, "disc_ndf": 8, "disc_layers": 2},
+        codebook={"window": 2, "restart_every": 2, "restart_until": None, "ema": ema},
+    )
+    before = module.vqgan.quantize.embedding.weight.detach().clone()
+    disc_before = module.discriminator.main[0].weight.detach().clone()
+    trainer = L.Trainer(max_steps=8, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module, train_dataloaders=_random_loader())
+    # 2 batches before disc_start (1 optimizer step each) + 3 after (2 each) = Lightning's 8 steps
+    assert module._steps_done == 5 and trainer.global_step == 8
+    after = module.vqgan.quantize.embedding.weight.detach()
+    assert not torch.equal(before, after)  # codebook moved (gradient or EMA, and restarts)
+    assert not torch.equal(disc_before, module.discriminator.main[0].weight)  # the GAN trained after disc_start
+    stats = module.codebook_stats()
+    assert 0 < stats["train/codebook_usage"] <= 1 and stats["train/perplexity"] >= 1
+    assert module.vqgan.quantize.embedding.weight.requires_grad is (not ema)
+
+
+def test_dead_codes_restart_onto_encoder_outputs():
+    module = VQGANModule(tokenizer=TINY16, codebook={"window": 3, "restart_every": 3, "restart_until": None})
+    n = TINY16["n_embed"]
+    for _ in range(3):  # only codes 0 and 1 used in the window
+        module._track_codes(torch.tensor([[0, 1]]), torch.randn(1, 4, 1, 2) + 100.0)
+    module._maybe_restart_codes(step=2)
+    w = module.vqgan.quantize.embedding.weight.detach()
+    assert w[2:].mean() > 50  # dead codes moved onto (shifted) recent encoder outputs
+    assert w[:2].abs().max() < 1  # used codes untouched
+    assert len(module._counts) == 0 and n == w.shape[0]
+
+
+def test_perceptual_loss_without_weights_is_one_clear_error():
+    with pytest.raises(FileNotFoundError, match="perceptual_vgg_path"):
+        VQGANModule(tokenizer=TINY16, loss={"perceptual_weight": 1.0, "perceptual_vgg_path": "/no/vgg16.pth"})
+
+
+def test_perceptual_loss_with_local_vgg(tmp_path):
+    import torchvision
+
+    path = tmp_path / "vgg16.pth"
+    feats = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["D"])  # = vgg16().features
+    torch.save({f"features.{k}": v for k, v in feats.state_dict().items()}, path)
+    module = VQGANModule(tokenizer={**TINY16, "resolution": 32}, loss={"perceptual_weight": 1.0, "perceptual_vgg_path": str(path)})
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    d_same = module.perceptual(x, x)
+    d_diff = module.perceptual(x, -x)
+    assert d_same.shape == (2,) and torch.allclose(d_same, torch.zeros(2), atol=1e-6)
+    assert (d_diff > 0).all()
+    assert not any(p.requires_grad for p in module.perceptual.parameters())
