@@ -1,0 +1,62 @@
+"""Build the retrieval files beside the token shards (Hydra: conf/build_index.yaml).
+
+    python src/build_index.py                       # the embedded world: data/world/tokens/retrieval
+    python src/build_index.py tokens_dir=/data/tokens world=false \
+        retrieval.encoder.model_name=ViT-B-32 retrieval.encoder.pretrained=laion2b_s34b_b79k \
+        retrieval.index.kind=ivfpq retrieval.encoder.device=cuda
+
+Steps (`cm3leon.retrieval.neighbours.build_retrieval`): embed every pair of `{tokens_dir}/{split}`
+with the CLIP document encoder (captions from the token shards, images from the raw shards they
+were made from), index the bank split's document vectors with FAISS, select each pair's
+neighbours (2 by image + 2 by text, the paper's rules), and write the bank's token store.
+Output: `{tokens_dir}/retrieval/` (or retrieval.dir); the run ends with one JSON summary line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # shared CPU: do not spin idle OpenMP threads
+
+import hydra
+from omegaconf import DictConfig
+
+import cm3leon  # noqa: F401  (sets PROJECT_ROOT for the configs)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="build_index")
+def main(cfg: DictConfig) -> None:
+    import logging
+
+    import faiss
+    import torch
+
+    from cm3leon.retrieval.neighbours import build_retrieval
+
+    torch.set_num_threads(cfg.threads)
+    faiss.omp_set_num_threads(cfg.threads)
+    logging.getLogger().setLevel(logging.WARNING)  # open_clip logs every factory step at INFO
+    try:
+        if cfg.world:
+            from cm3leon.data.embedded import ensure_embedded_tokens
+
+            ensure_embedded_tokens(cfg.paths.world_dir, cfg.paths.shipped_dir)
+        manifest = build_retrieval(cfg.retrieval, cfg.tokens_dir)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)  # one line naming the missing file and its command
+        sys.exit(1)
+    summary = {
+        "out": str(cfg.retrieval.dir or f"{cfg.tokens_dir}/retrieval"),
+        "encoder": manifest["encoder"]["model_name"],
+        "bank": manifest["index"]["n"],
+        "index": manifest["index"]["factory"],
+        "neighbours": manifest["neighbours"],
+        "seconds": manifest["seconds"],
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""CLIP score of generated images against their captions, with a configured open_clip model.
+
+    from cm3leon.eval.clip_score import ClipScorer
+    scorer = ClipScorer("ViT-B-32", pretrained="laion2b_s34b_b79k")      # or a local weights file
+    out = scorer(images, captions)     # {'clip_score': 100 * mean(max(cos, 0)), 'clip_cosine': mean cos, ...}
+
+Definition (torchmetrics' `CLIPScore`): 100 x max(cos(image, text), 0), averaged over pairs, with the
+unit-normalised open_clip embeddings (`DocumentEncoder`, the encoder of retrieval and re-ranking).
+Note: when the same model re-ranked the samples, the score is biased upwards; results record the
+model of each so that this is visible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+
+def resolve_weights(pretrained: str | Path | None) -> str | None:
+    """A weights file relative to the repository root (e.g. the shipped `data/shipped/world_clip.pt`)
+    when it is not found from the working directory; open_clip tags are returned unchanged."""
+    if not pretrained:
+        return None
+    from cm3leon import PROJECT_ROOT
+
+    p = Path(str(pretrained)).expanduser()
+    if not p.is_absolute() and not p.is_file() and (PROJECT_ROOT / p).is_file():
+        return str(PROJECT_ROOT / p)
+    return str(pretrained)
+
+
+class ClipScorer:
+    """An open_clip model (by name + pretrained tag or local file) that scores (image, caption) pairs.
+
+    encoder: an existing `DocumentEncoder` to reuse instead of loading one."""
+
+    def __init__(self, model_name: str = "ViT-B-32", pretrained: str | Path | None = None, device: str | None = None,
+                 batch_size: int = 128, encoder=None):
+        if encoder is None:
+            from cm3leon.retrieval.clip_encoder import DocumentEncoder
+
+            encoder = DocumentEncoder(model_name, pretrained=resolve_weights(pretrained), device=device,
+                                      batch_size=batch_size)
+        self.encoder = encoder
+
+    def cosines(self, images: Sequence, captions: Sequence[str]) -> np.ndarray:
+        """images (PIL or uint8 HWC) and one caption each -> float32 [N] cosine similarities."""
+        if len(images) != len(captions):
+            raise ValueError(f"CLIP score: {len(images)} images but {len(captions)} captions")
+        if not len(images):
+            return np.zeros(0, np.float32)
+        unique = list(dict.fromkeys(captions))  # each distinct caption encoded once
+        t = self.encoder.encode_texts(unique)
+        rows = np.array([unique.index(c) for c in captions])
+        return (self.encoder.encode_images(list(images)) * t[rows]).sum(-1).astype(np.float32)
+
+    def describe(self) -> dict:
+        from cm3leon.eval.fid import file_sha256
+
+        p = Path(str(self.encoder.pretrained))
+        return {
+            "clip_score_model": self.encoder.model_name,
+            "clip_score_pretrained": str(self.encoder.pretrained),
+            "clip_score_pretrained_sha256": file_sha256(p) if p.is_file() else f"open_clip tag {self.encoder.pretrained}",
+        }
+
+    def __call__(self, images: Sequence, captions: Sequence[str]) -> dict:
+        """-> {'clip_score', 'clip_cosine', 'n', 'clip_score_model', 'clip_score_pretrained(_sha256)'}."""
+        cos = self.cosines(images, captions)
+        if not len(cos):
+            raise ValueError("CLIP score needs at least one (image, caption) pair")
+        return {"clip_score": float(100.0 * np.maximum(cos, 0).mean()), "clip_cosine": float(cos.mean()),
+                "n": int(len(cos)), **self.describe()}
+
+
+def clip_score(images: Sequence, captions: Sequence[str], model_name: str = "ViT-B-32",
+               pretrained: str | Path | None = None, device: str | None = None) -> dict:
+    """One-call form of `ClipScorer(model_name, pretrained, device)(images, captions)`."""
+    return ClipScorer(model_name, pretrained, device)(images, captions)

@@ -1,0 +1,210 @@
+"""`eval_fid.py eval=embedded` end to end on a small random checkpoint: fid.json with every field
+filled, and a second run that reuses the generated images and the cached features; a deleted image
+is regenerated alone. Builders here are shared by the other test_eval_* files.
+
+Everything is random-initialised and saved to a temp dir (LM through CM3LeonLitModule, the tiny
+VQGAN config, the tiny CLIP); the numbers mean nothing, the pipeline is what is tested."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from cm3leon import PROJECT_ROOT
+
+torch.set_num_threads(2)
+CONF = PROJECT_ROOT / "conf"
+BPE = PROJECT_ROOT / "data" / "shipped" / "world_bpe.json"
+
+
+def make_tiny_clip(path: Path) -> Path:
+    """A random-initialised world tiny CLIP saved as an open_clip state dict."""
+    import open_clip
+
+    from cm3leon.retrieval.tiny_clip import TINY_CLIP, register_tiny_clip
+
+    register_tiny_clip()
+    torch.manual_seed(0)
+    torch.save(open_clip.create_model(TINY_CLIP).state_dict(), path)
+    return path
+
+
+def make_tiny_vqgan(path: Path) -> Path:
+    """A random tiny VQGAN (64 px -> 8x8 codes, 512 entries) with its config yaml beside it."""
+    from cm3leon.tokenizers.image_tokenizer import CONFIG_DIR, ImageTokenizer
+
+    torch.manual_seed(0)
+    tok = ImageTokenizer.from_config("tiny")
+    torch.save(tok.model.state_dict(), path)
+    shutil.copy(CONFIG_DIR / "tiny.yaml", path.with_suffix(".yaml"))
+    return path
+
+
+def make_tiny_lm(path: Path, vqgan: Path) -> Path:
+    """A random 2-layer CM3Leon saved through CM3LeonLitModule, its data_meta naming the tokenizers."""
+    import lightning as L
+
+    from cm3leon.lit.lm_module import CM3LeonLitModule
+    from cm3leon.tokenizers.text_tokenizer import TextTokenizer
+    from cm3leon.vocab import Vocab
+
+    text = TextTokenizer.from_file(BPE)
+    vocab = Vocab(text_size=text.vocab_size, n_image_codes=512, n_sentinels=16)
+    optim = dict(lr=1e-3, betas=[0.9, 0.95], eps=1e-8, weight_decay=0.1, warmup_steps=1, final_lr_ratio=0.1, max_steps=1)
+    meta = {"tokens_per_image": 64, "image_tokenizer": {"path": str(vqgan)}, "text_tokenizer": {"path": str(BPE)}}
+    torch.manual_seed(0)
+    module = CM3LeonLitModule(model=dict(name="test", n_layer=2, d_model=64, n_head=2, max_seq_len=128),
+                              vocab=vocab.to_dict(), optim=optim, data_meta=meta)
+    # zero-initialised residual outputs make a fresh model ignore its prompt: give them weights
+    with torch.no_grad():
+        for p in module.model.parameters():
+            if p.dim() == 2 and float(p.abs().sum()) == 0:
+                p.normal_(std=0.02)
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                "pytorch-lightning_version": L.__version__}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_eval_run(tmp_path_factory) -> dict:
+    """{'ckpt', 'clip', 'vqgan', 'root'}: a random checkpoint and a random tiny CLIP on disk."""
+    root = tmp_path_factory.mktemp("eval_run")
+    vq = make_tiny_vqgan(root / "vqgan.pt")
+    return {"root": root, "vqgan": vq, "ckpt": make_tiny_lm(root / "lm.ckpt", vq), "clip": make_tiny_clip(root / "clip.pt")}
+
+
+def compose_eval(overrides: list[str]):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("eval_fid", overrides=overrides)
+
+
+def embedded_overrides(run: dict, log_dir: Path, n: int = 4) -> list[str]:
+    clip = str(run["clip"])
+    return [
+        "eval=embedded", f"ckpt={run['ckpt']}", f"paths.log_dir={log_dir}", f"cache_dir={log_dir / 'cache'}",
+        f"eval.n_captions={n}", "eval.samples_per_caption=2", "captions_per_batch=4", "progress=false",
+        f"eval.feature_clip.pretrained={clip}", f"eval.rerank.pretrained={clip}", f"eval.clip_score.pretrained={clip}",
+        "fid.kid_subsets=5", "trainer.accelerator=cpu", "trainer.devices=1",
+    ]
+
+
+def all_filled(obj, where="fid.json") -> list[str]:
+    """Paths of every None / empty value in a JSON-like object."""
+    if obj is None or obj == "" or obj == {} or obj == []:
+        return [where]
+    if isinstance(obj, dict):
+        return [p for k, v in obj.items() for p in all_filled(v, f"{where}.{k}")]
+    if isinstance(obj, list):
+        return [p for i, v in enumerate(obj) for p in all_filled(v, f"{where}[{i}]")]
+    return []
+
+
+@pytest.fixture(scope="module")
+def first_run(tiny_eval_run, tmp_path_factory):
+    import eval_fid
+
+    log_dir = tmp_path_factory.mktemp("logs")
+    cfg = compose_eval(embedded_overrides(tiny_eval_run, log_dir))
+    result = eval_fid.run(cfg)
+    return cfg, result, log_dir
+
+
+def test_embedded_eval_writes_fid_json_with_every_field_filled(first_run, tiny_eval_run):
+    cfg, result, log_dir = first_run
+    out_dir = Path(result["images_dir"]).parent
+    assert out_dir.parent == log_dir / "eval_fid" / "embedded"  # out_dir=null: a deterministic folder
+    on_disk = json.loads((out_dir / "fid.json").read_text())
+    assert on_disk == json.loads(json.dumps(result))
+    assert all_filled(on_disk) == []
+    for key in ("fd_tiny_clip", "kd_tiny_clip_mean", "clip_score", "caption_accuracy", "n", "evaluator",
+                "evaluator_version", "feature_extractor", "feature_extractor_weights_sha256", "resize",
+                "reference_set", "reference_set_hash", "decoding", "samples_per_caption", "rerank",
+                "checkpoint_sha256"):
+        assert key in on_disk, key
+    assert "fid" not in on_disk  # not an Inception FID: named for its feature space
+    assert on_disk["n"] == 4 and on_disk["generated_now"] == 4 and on_disk["reused_images"] == 0
+    assert on_disk["checkpoint_sha256"] in out_dir.name or out_dir.name.startswith(on_disk["checkpoint_sha256"][:12])
+    assert on_disk["decoding"]["cfg_weight"] == cfg.decoding.cfg_weight
+    assert 0.0 <= on_disk["caption_accuracy"] <= 1.0 and on_disk["fd_tiny_clip"] >= 0
+    images = sorted((out_dir / "images").glob("*.png"))
+    assert [p.name for p in images] == [f"{i:06d}.png" for i in range(4)]
+    assert len((out_dir / "prompts.jsonl").read_text().splitlines()) == 4
+
+
+def test_second_run_reuses_images_and_cached_features(first_run, tiny_eval_run, monkeypatch):
+    import eval_fid
+    from cm3leon.eval import generation
+    from cm3leon.eval.frechet import ClipImageSpace
+
+    cfg, result, log_dir = first_run
+    images_dir = Path(result["images_dir"])
+    stamps = {p.name: p.stat().st_mtime_ns for p in images_dir.glob("*.png")}
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("should not run again")
+
+    monkeypatch.setattr(generation.GenerationModule, "__init__", refuse)
+    monkeypatch.setattr(ClipImageSpace, "features", refuse)
+    again = eval_fid.run(compose_eval(embedded_overrides(tiny_eval_run, log_dir)))
+    assert again["images_dir"] == result["images_dir"]
+    assert again["generated_now"] == 0 and again["reused_images"] == 4
+    assert again["reference_cached"] and again["generated_cached"]
+    assert again["fd_tiny_clip"] == pytest.approx(result["fd_tiny_clip"], rel=1e-9)
+    assert {p.name: p.stat().st_mtime_ns for p in images_dir.glob("*.png")} == stamps
+
+
+def test_a_deleted_image_is_regenerated_alone(first_run, tiny_eval_run):
+    import eval_fid
+
+    cfg, result, log_dir = first_run
+    images_dir = Path(result["images_dir"])
+    (images_dir / "000002.png").unlink()
+    stamps = {p.name: p.stat().st_mtime_ns for p in images_dir.glob("*.png")}
+    again = eval_fid.run(compose_eval(embedded_overrides(tiny_eval_run, log_dir)))
+    assert again["generated_now"] == 1 and again["reused_images"] == 3
+    assert (images_dir / "000002.png").is_file()
+    assert {n: t for n, t in ((p.name, p.stat().st_mtime_ns) for p in images_dir.glob("*.png")) if n in stamps} == stamps
+    assert not list(images_dir.glob(".*.tmp"))  # no temp file left behind
+
+
+def test_other_decoding_settings_get_their_own_folder(first_run, tiny_eval_run):
+    import eval_fid
+    from cm3leon.eval.generation import world_prompts
+
+    cfg, result, log_dir = first_run
+    other = compose_eval(embedded_overrides(tiny_eval_run, log_dir) + ["decoding.cfg_weight=1.5"])
+    s1 = eval_fid.generation_settings(cfg, world_prompts(4))
+    s2 = eval_fid.generation_settings(other, world_prompts(4))
+    assert eval_fid._settings_hash(s1) != eval_fid._settings_hash(s2)
+    # resuming into a folder made with other settings would mix samples: refused in one line
+    out_dir = Path(result["images_dir"]).parent
+    clash = compose_eval(embedded_overrides(tiny_eval_run, log_dir) + ["decoding.cfg_weight=1.5", f"out_dir={out_dir}"])
+    with pytest.raises(eval_fid.UsageError, match="other settings .*decoding"):
+        eval_fid.run(clash)
+
+
+@pytest.mark.slow
+def test_generation_spread_over_two_cpu_processes(tiny_eval_run, tmp_path):
+    """`trainer.devices=2 trainer.strategy=ddp` (gloo on CPU) through the real script: Lightning's
+    launcher re-runs it per rank; each rank writes its share, rank 0 alone writes fid.json."""
+    import os
+    import subprocess
+    import sys
+
+    args = embedded_overrides(tiny_eval_run, tmp_path / "logs", n=8) + [
+        "trainer.devices=2", "trainer.strategy=ddp", "captions_per_batch=2", f"out_dir={tmp_path / 'out'}",
+        f"hydra.run.dir={tmp_path / 'hydra'}"]
+    proc = subprocess.run([sys.executable, str(PROJECT_ROOT / "src" / "eval_fid.py"), *args], capture_output=True,
+                          text=True, timeout=900, cwd=PROJECT_ROOT, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads(s) for s in proc.stdout.splitlines() if s.startswith("{")]
+    assert len(results) == 1 and results[0]["generated_now"] == 8  # one report, from rank 0
+    assert sorted(p.name for p in (tmp_path / "out" / "images").glob("*.png")) == [f"{i:06d}.png" for i in range(8)]
+    assert all_filled(json.loads((tmp_path / "out" / "fid.json").read_text())) == []
