@@ -116,6 +116,14 @@ def train(cfg: DictConfig) -> dict:
 
     dm = hydra.utils.instantiate(_data_kwargs(cfg))
     vocab = dm.load_meta()
+    if cfg.retrieval.get("k", 0) > 0:
+        from pathlib import Path
+
+        from cm3leon.retrieval.neighbours import build_neighbour_source
+
+        # retrieved documents go before each query; the embedded world builds its memory bank on first use
+        token_root = Path(cfg.data.train_dir).parent
+        dm.neighbours = build_neighbour_source(cfg.retrieval, token_root, build_missing=cfg.data.get("embedded_world", False))
     L.seed_everything(cfg.seed, workers=True)
     module = CM3LeonLitModule(
         model=_model_kwargs(cfg),

@@ -100,7 +100,7 @@ class RetrievalConfig:
 
 
 def build_command(token_dir: str | Path) -> str:
-    return f"`python src/build_index.py tokens_dir={token_dir}`"
+    return f"`python src/build_index.py tokens_dir={token_dir} world=false`"
 
 
 # ---- the selection rule ----------------------------------------------------------------------
