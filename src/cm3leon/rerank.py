@@ -37,15 +37,7 @@ class ClipReranker:
 
     def scores(self, images: Sequence, texts: Sequence[str]) -> np.ndarray:
         """images (PIL or uint8 HWC) and one text each -> float32 [N] cosine similarities."""
-        if len(images) != len(texts):
-            raise ValueError(f"ClipReranker.scores: {len(images)} images but {len(texts)} texts")
-        if not len(images):
-            return np.zeros(0, np.float32)
-        unique = list(dict.fromkeys(texts))  # encode each distinct prompt once
-        t = self.encoder.encode_texts(unique)  # [U, D]
-        rows = np.array([unique.index(s) for s in texts])
-        i = self.encoder.encode_images(list(images))  # [N, D]
-        return (i * t[rows]).sum(-1).astype(np.float32)
+        return self.encoder.pair_cosines(images, texts, who="ClipReranker.scores")
 
     def rank(self, images: Sequence, text: str) -> tuple[np.ndarray, np.ndarray]:
         """Samples of one prompt -> (indices best first int64 [N], their scores float32 [N])."""

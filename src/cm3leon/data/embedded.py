@@ -1,13 +1,17 @@
 """Prepare the embedded world for training on first use: raw shards, then token shards made
-with the shipped tokenizers (data/shipped). Each step is skipped when its output is complete."""
+with the shipped tokenizers (data/shipped). Each step is skipped when its output is complete.
+
+Token shards made with other tokenizer files than the shipped ones (an older checkout's VQGAN, say)
+are stale: the token folder, and the retrieval files built from it, are removed and made again."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from cm3leon.data.preprocess import PreprocessConfig, preprocess_split, summary_line
-from cm3leon.data.token_shards import META_FILE, REPORT_FILE
+from cm3leon.data.token_shards import META_FILE, REPORT_FILE, file_sha256
 from cm3leon.data.world import ensure_world
 
 
@@ -18,16 +22,32 @@ def _tokens_complete(split_dir: Path, raw_split: Path) -> bool:
     return json.loads(report.read_text())["shards"] == len(list(raw_split.glob("*.tar")))
 
 
-def ensure_embedded_tokens(world_dir: str | Path, shipped_dir: str | Path, num_workers: int = 2) -> Path:
-    """Make `world_dir/raw` and `world_dir/tokens/{train,val}` when missing; return the tokens folder."""
+def _made_with(split_dir: Path, cfg: PreprocessConfig) -> bool:
+    """Whether the split's meta.json names the same tokenizer files (by sha256) as `cfg`."""
+    meta = json.loads((split_dir / META_FILE).read_text())
+    return all(
+        meta.get(name, {}).get("sha256") == file_sha256(path)
+        for name, path in (("image_tokenizer", cfg.image_tokenizer), ("text_tokenizer", cfg.text_tokenizer))
+    )
+
+
+def ensure_embedded_tokens(
+    world_dir: str | Path, shipped_dir: str | Path, num_workers: int = 2, **world_overrides
+) -> Path:
+    """Make `world_dir/raw` and `world_dir/tokens/{train,val}` when missing or stale; return the tokens
+    folder. `world_overrides` go to `ensure_world` (tests make small worlds: n_train=..., n_val=...)."""
     world_dir, shipped_dir = Path(world_dir), Path(shipped_dir)
-    raw = ensure_world(out_dir=str(world_dir / "raw"), num_workers=num_workers)
+    raw = ensure_world(out_dir=str(world_dir / "raw"), num_workers=num_workers, **world_overrides)
     tokens = world_dir / "tokens"
     cfg = PreprocessConfig(
         image_tokenizer=str(shipped_dir / "world_vqgan.ckpt"),
         text_tokenizer=str(shipped_dir / "world_bpe.json"),
         num_workers=num_workers,
     )
+    stale = [s for s in ("train", "val") if (tokens / s / META_FILE).is_file() and not _made_with(tokens / s, cfg)]
+    if stale:
+        print(f"[world] {tokens} was made with other tokenizers than {shipped_dir}: removing it to tokenize again", flush=True)
+        shutil.rmtree(tokens)
     for split in ("train", "val"):
         if not _tokens_complete(tokens / split, raw / split):
             print(f"[world] tokenizing the embedded world's {split} split (first use) into {tokens / split}", flush=True)

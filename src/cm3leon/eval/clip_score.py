@@ -47,14 +47,7 @@ class ClipScorer:
 
     def cosines(self, images: Sequence, captions: Sequence[str]) -> np.ndarray:
         """images (PIL or uint8 HWC) and one caption each -> float32 [N] cosine similarities."""
-        if len(images) != len(captions):
-            raise ValueError(f"CLIP score: {len(images)} images but {len(captions)} captions")
-        if not len(images):
-            return np.zeros(0, np.float32)
-        unique = list(dict.fromkeys(captions))  # each distinct caption encoded once
-        t = self.encoder.encode_texts(unique)
-        rows = np.array([unique.index(c) for c in captions])
-        return (self.encoder.encode_images(list(images)) * t[rows]).sum(-1).astype(np.float32)
+        return self.encoder.pair_cosines(images, captions, who="CLIP score", noun="captions")
 
     def describe(self) -> dict:
         from cm3leon.eval.fid import file_sha256

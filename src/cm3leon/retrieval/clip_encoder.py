@@ -164,6 +164,20 @@ class DocumentEncoder:
         t, i = self.encode_texts(texts), self.encode_images(images)
         return document_vectors(t, i), t, i
 
+    def pair_cosines(
+        self, images: Sequence[ImageLike], texts: Sequence[str], who: str = "pair_cosines", noun: str = "texts"
+    ) -> np.ndarray:
+        """images and one text each -> float32 [N] image-text cosine similarities (CLIP score,
+        re-ranking). Each distinct text is encoded once; `who` and `noun` word the error."""
+        if len(images) != len(texts):
+            raise ValueError(f"{who}: {len(images)} images but {len(texts)} {noun}")
+        if not len(images):
+            return np.zeros(0, np.float32)
+        unique = list(dict.fromkeys(texts))
+        t = self.encode_texts(unique)  # [U, D]
+        rows = np.array([unique.index(s) for s in texts])
+        return (self.encode_images(list(images)) * t[rows]).sum(-1).astype(np.float32)
+
     def describe(self) -> dict:
         """What made the vectors (recorded beside the memory bank, checked by every query side)."""
         from cm3leon.data.token_shards import file_sha256
