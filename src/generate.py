@@ -15,7 +15,8 @@ The tokenizers are the ones recorded in the checkpoint (the token shards' meta.j
 with image_tokenizer=... text_tokenizer=.... Retrieval (for checkpoints trained with it):
 `retrieval.folder=<tokens>/retrieval` (the memory bank of `python src/build_index.py`) retrieves
 `retrieval.k` documents by the prompt text; they go before the prompt and stay in the
-unconditional stream.
+unconditional stream. Without it, a checkpoint trained with `retrieval=ra` uses the memory bank it
+was trained with (recorded in the checkpoint) when that is still on disk.
 """
 
 from __future__ import annotations
@@ -86,18 +87,29 @@ def load_tokenizers(cfg: DictConfig, meta: dict, device: str = "cpu"):
         TextTokenizer.from_file(path_of("text_tokenizer"))
 
 
-def _retrieved(cfg: DictConfig, text: str, device: str):
+def _retrieved(cfg: DictConfig, text: str, device: str, trained: dict | None = None):
     """The retrieved documents for a prompt text (PAPER.md: retrieval by the prompt text), or None.
 
     `retrieval.folder`: a memory bank from `python src/build_index.py` (cm3leon.retrieval.Retriever);
-    or `retrieval.retriever`: any `_target_` whose object has documents(prompts, k) -> list[list[Document]]."""
+    or `retrieval.retriever`: any `_target_` whose object has documents(prompts, k) -> list[list[Document]].
+    Neither given: the memory bank the checkpoint was trained with (`trained`, recorded by train.py
+    under retrieval=ra), when it is still on disk; a checkpoint trained without retrieval gets none."""
     k = int(cfg.retrieval.k)
-    if k <= 0 or not (cfg.retrieval.get("folder") or cfg.retrieval.get("retriever")):
+    folder = cfg.retrieval.get("folder")
+    if not (folder or cfg.retrieval.get("retriever")) and trained:
+        if Path(trained["folder"]).is_dir():
+            folder = trained["folder"]
+            print(f"[generate] retrieving {k} documents per prompt from {folder} (the checkpoint's memory bank)")
+        else:
+            print(f"[generate] warning: the checkpoint was trained with retrieval but its memory bank "
+                  f"{trained['folder']} is gone: generating without retrieved documents "
+                  "(pass retrieval.folder=<tokens>/retrieval from `python src/build_index.py`)", file=sys.stderr)
+    if k <= 0 or not (folder or cfg.retrieval.get("retriever")):
         return None
-    if cfg.retrieval.get("folder"):
+    if folder:
         from cm3leon.retrieval.retriever import Retriever
 
-        folder = _resolve(cfg.retrieval.folder)
+        folder = _resolve(folder)
         if not folder.is_dir():
             raise UsageError(f"retrieval.folder={folder} not found: build the memory bank with `python src/build_index.py`")
         retriever = Retriever(folder, k=k, device=device)
@@ -172,7 +184,7 @@ def run(cfg: DictConfig) -> dict:
 
     if cfg.task == "image":
         text_ids = text_tok.encode(cfg.prompt)
-        docs = _retrieved(cfg, cfg.prompt, device)
+        docs = _retrieved(cfg, cfg.prompt, device, meta.get("retrieval"))
         codes = generate_images(
             model, vocab, [text_ids] * n, tpi, decoding=decoding, seed=seed,
             retrieved=None if docs is None else [docs] * n, batch_size=int(cfg.batch_size),

@@ -116,6 +116,7 @@ def train(cfg: DictConfig) -> dict:
 
     dm = hydra.utils.instantiate(_data_kwargs(cfg))
     vocab = dm.load_meta()
+    data_meta = dict(dm.meta)
     if cfg.retrieval.get("k", 0) > 0:
         from pathlib import Path
 
@@ -124,13 +125,15 @@ def train(cfg: DictConfig) -> dict:
         # retrieved documents go before each query; the embedded world builds its memory bank on first use
         token_root = Path(cfg.data.train_dir).parent
         dm.neighbours = build_neighbour_source(cfg.retrieval, token_root, build_missing=cfg.data.get("embedded_world", False))
+        # recorded in the checkpoint: generate.py retrieves from the same memory bank by default
+        data_meta["retrieval"] = {"k": int(cfg.retrieval.k), "folder": str(dm.neighbours.folder.resolve())}
     L.seed_everything(cfg.seed, workers=True)
     module = CM3LeonLitModule(
         model=_model_kwargs(cfg),
         vocab=vocab.to_dict(),
         optim=OmegaConf.to_container(cfg.optim, resolve=True),
         compile=cfg.compile,
-        data_meta=dm.meta,
+        data_meta=data_meta,
     )
     os.environ.setdefault("WANDB_MODE", "offline")  # nothing reaches the network unless the user asks
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]

@@ -181,3 +181,37 @@ def test_cli_end_to_end(tiny_ckpt, tmp_path):
                        timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "grid.png").is_file() and (tmp_path / "sample_01.png").is_file()
+
+
+class FolderRetriever(FakeRetriever):
+    """Stands in for cm3leon.retrieval.Retriever(folder, k, device); records the folder it was given."""
+
+    folders: list = []
+
+    def __init__(self, folder, k: int = 2, device: str = "cpu"):
+        super().__init__()
+        FolderRetriever.folders.append(Path(folder))
+
+
+def test_checkpoint_trained_with_retrieval_uses_its_memory_bank(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    """train.py records the memory bank of a retrieval=ra run in the checkpoint; generate.py uses
+    it when no retrieval is configured, and says so when that bank is gone."""
+    import cm3leon.retrieval.retriever as retriever_module
+
+    bank = tmp_path / "tokens" / "retrieval"
+    bank.mkdir(parents=True)
+    ck = torch.load(tiny_ckpt, map_location="cpu", weights_only=False)
+    ck["hyper_parameters"]["data_meta"]["retrieval"] = {"k": 2, "folder": str(bank)}
+    ra_ckpt = tmp_path / "ra.ckpt"
+    torch.save(ck, ra_ckpt)
+    monkeypatch.setattr(retriever_module, "Retriever", FolderRetriever)
+
+    s = run_generate(f"ckpt={ra_ckpt}", "prompt=a red circle", "n=1", "retrieval.k=1", f"out_dir={tmp_path / 'a'}")
+    assert s["n_retrieved"] == 1 and FolderRetriever.folders[-1] == bank
+    assert "the checkpoint's memory bank" in capsys.readouterr().out
+
+    shutil.rmtree(bank)
+    s = run_generate(f"ckpt={ra_ckpt}", "prompt=a red circle", "n=1", f"out_dir={tmp_path / 'b'}")
+    assert s["n_retrieved"] == 0
+    err = capsys.readouterr().err
+    assert "trained with retrieval" in err and "is gone" in err

@@ -183,3 +183,24 @@ def test_ddp_two_cpu_processes_gloo(tiny_tokens, tmp_path):
     # one run folder for both ranks (Lightning relaunches rank 1 with the same hydra.run.dir)
     assert [p.name for p in tmp_path.iterdir()] == ["ddp"]
     assert (run_dir / "train_ddp_process_1.log").is_file()
+
+
+def test_retrieval_on_and_off_train_from_the_same_command_line(tiny_tokens, tmp_path):
+    """Issue 4: `retrieval=ra` and `retrieval=none` both train; with ra every training sequence holds
+    `retrieval.k` retrieved documents, and the checkpoint records the memory bank for generate.py."""
+    import torch
+
+    from cm3leon.retrieval.neighbours import RetrievalConfig, build_retrieval
+
+    bank = tmp_path / "bank"  # the session's tiny_tokens folder stays as it is
+    build_retrieval(RetrievalConfig.from_any({**compose_train(["retrieval=ra"]).retrieval, "dir": str(bank)}),
+                    tiny_tokens, progress=False)
+    common = ["trainer.max_steps=2", "trainer.limit_val_batches=0", "+callbacks.keys._target_=cm3leon.lit.callbacks.BatchKeysRecorder"]
+    for mode, extra, k in (("ra", [f"retrieval.dir={bank}", "retrieval.k=3"], 3), ("none", [], 0)):
+        run = tmp_path / mode
+        proc = run_train(small_run_args(tiny_tokens, run, f"retrieval={mode}", *extra, *common))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        recs = [json.loads(line) for line in (run / "batch_keys.jsonl").read_text().splitlines()]
+        assert len(recs) == 2 and all(n == k for r in recs for n in r["n_retrieved"])
+        meta = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["hyper_parameters"]["data_meta"]
+        assert (meta.get("retrieval") or {}).get("folder") == (str(bank.resolve()) if k else None)

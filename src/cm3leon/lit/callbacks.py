@@ -96,9 +96,13 @@ class ImageSampleCallback(L.Callback):
 
 class BatchKeysRecorder(L.Callback):
     """Append the sample keys of every training batch to `<run dir>/batch_keys.jsonl`
-    (one JSON line per batch: step, rank, keys): the data-order log that resume tests read."""
+    (one JSON line per batch: step, rank, keys, and n_retrieved: the retrieved documents before
+    each query): the data-order log that resume and retrieval tests read."""
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         path = Path(trainer.default_root_dir) / "batch_keys.jsonl"
+        record = {"step": trainer.global_step, "rank": trainer.global_rank, "keys": batch["keys"]}
+        if "n_retrieved" in batch:
+            record["n_retrieved"] = [int(n) for n in batch["n_retrieved"]]
         with open(path, "a") as f:
-            f.write(json.dumps({"step": trainer.global_step, "rank": trainer.global_rank, "keys": batch["keys"]}) + "\n")
+            f.write(json.dumps(record) + "\n")
