@@ -13,7 +13,9 @@ reads it directly (`create_model_and_transforms(TINY_CLIP, pretrained=path)`).
 
 Why a plain loop and not Lightning: the whole data set fits in memory as one uint8 tensor (no
 DataLoader, no workers), one device, minutes; a loop of 30 lines is the clearest form here.
-Images are not augmented: flips and crops would change the captions' positions.
+Images are not augmented: flips and crops would change the captions' positions. World captions
+get two augmentations that raise the weight of a shape's kind in the embedding (object-only
+captions, kind-swapped counterfactual pairs re-rendered by the world): see conf/train_clip.yaml.
 """
 
 from __future__ import annotations
@@ -138,10 +140,6 @@ def train_clip(cfg: DictConfig) -> dict:
     tokenizer = open_clip.get_tokenizer(cfg.model)
     size = model.visual.image_size[0] if isinstance(model.visual.image_size, tuple) else model.visual.image_size
     norm = Normalizer(model)
-    if cfg.fixed_logit_scale:
-        with torch.no_grad():
-            model.logit_scale.fill_(math.log(cfg.fixed_logit_scale))
-        model.logit_scale.requires_grad_(False)
 
     t0 = time.time()
     train_x, train_caps = load_pairs(cfg.data.train_shards, size)
@@ -189,7 +187,7 @@ def train_clip(cfg: DictConfig) -> dict:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             with torch.no_grad():
-                model.logit_scale.clamp_(0, math.log(100))  # open_clip's clamp (no-op when fixed)
+                model.logit_scale.clamp_(0, math.log(100))  # open_clip's clamp
             step += 1
             if cfg.print_every and step % cfg.print_every == 0:
                 print(

@@ -66,12 +66,12 @@ class RetrievalConfig:
     per_query: int = 2  # pool: per_query for the image query + per_query for the text query
     max_relevance: float = 0.9
     duplicate_threshold: float = 0.98
-    search_k: int = 32
+    search_k: int = 128
     query_dropout: float = 0.2
     seed: int = 0
     bank_split: str = "train"
     query_splits: tuple[str, ...] = ("train", "val")
-    query_batch: int = 2048
+    query_batch: int = 512
     dir: str | None = None  # default: <token dir>/retrieval
     raw_dir: str | None = None  # raw shards per split; default: each split's meta.json `source`
     encoder: dict = field(default_factory=lambda: {"model_name": "ViT-B-32", "pretrained": None})
