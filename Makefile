@@ -34,10 +34,15 @@ bench: install  ## hot-path benchmarks against their peers, printed as JSON
 eval-fid: install  ## zero-shot FID (see README "Evaluation"); pass ARGS="ckpt=... eval=coco30k"
 	$(PY) src/eval_fid.py $(ARGS)
 
-tokenizers: install  ## rebuild the shipped tiny tokenizers from the embedded world
+VQ_RUN := logs/train_tokenizer/world_vqgan
+VQ_STEPS := 4000
+tokenizers: install  ## rebuild the shipped tiny tokenizers from the embedded world (~1 h on 2 CPU cores)
 	$(PY) src/make_world.py
 	$(PY) src/train_bpe.py
-	$(PY) src/train_tokenizer.py export_to=data/shipped/world_vqgan.ckpt
+	# the shipped VQGAN's two-stage schedule: 2000 steps of a 3000-step cosine, then a 6000-step cosine to step $(VQ_STEPS)
+	$(PY) src/train_tokenizer.py hydra.run.dir=$(VQ_RUN) trainer.max_steps=2000 module.optim.total_steps=3000
+	$(PY) src/train_tokenizer.py hydra.run.dir=$(VQ_RUN) trainer.max_steps=$(VQ_STEPS) module.optim.total_steps=6000 \
+		ckpt_path=$(VQ_RUN)/checkpoints/last.ckpt export_to=data/shipped/world_vqgan.ckpt
 
 clean-data:  ## remove generated data (the shipped artefacts stay)
 	rm -rf data/world
