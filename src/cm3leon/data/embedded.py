@@ -10,8 +10,8 @@ import json
 import shutil
 from pathlib import Path
 
-from cm3leon.data.preprocess import PreprocessConfig, preprocess_split, summary_line
-from cm3leon.data.token_shards import META_FILE, REPORT_FILE, file_sha256
+from cm3leon.data.preprocess import PreprocessConfig, other_tokenizer, preprocess_split, summary_line, tokenizer_files
+from cm3leon.data.token_shards import META_FILE, REPORT_FILE
 from cm3leon.data.world import ensure_world
 
 
@@ -20,15 +20,6 @@ def _tokens_complete(split_dir: Path, raw_split: Path) -> bool:
     if not (split_dir / META_FILE).is_file() or not report.is_file():
         return False
     return json.loads(report.read_text())["shards"] == len(list(raw_split.glob("*.tar")))
-
-
-def _made_with(split_dir: Path, cfg: PreprocessConfig) -> bool:
-    """Whether the split's meta.json names the same tokenizer files (by sha256) as `cfg`."""
-    meta = json.loads((split_dir / META_FILE).read_text())
-    return all(
-        meta.get(name, {}).get("sha256") == file_sha256(path)
-        for name, path in (("image_tokenizer", cfg.image_tokenizer), ("text_tokenizer", cfg.text_tokenizer))
-    )
 
 
 def ensure_embedded_tokens(
@@ -44,8 +35,8 @@ def ensure_embedded_tokens(
         text_tokenizer=str(shipped_dir / "world_bpe.json"),
         num_workers=num_workers,
     )
-    stale = [s for s in ("train", "val") if (tokens / s / META_FILE).is_file() and not _made_with(tokens / s, cfg)]
-    if stale:
+    files = tokenizer_files(cfg)  # hashed once for both splits
+    if any(other_tokenizer(tokens / split, files) for split in ("train", "val")):
         print(f"[world] {tokens} was made with other tokenizers than {shipped_dir}: removing it to tokenize again", flush=True)
         shutil.rmtree(tokens)
     for split in ("train", "val"):

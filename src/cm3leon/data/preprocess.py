@@ -97,6 +97,21 @@ def _run_job(job: tuple[str, str]) -> dict:
     return _worker.process(job[0], Path(job[1]))
 
 
+def tokenizer_files(cfg: PreprocessConfig) -> dict:
+    """{image_tokenizer, text_tokenizer: {path, sha256}}: which files make a folder's token shards."""
+    return {name: {"path": str(path), "sha256": file_sha256(path)}
+            for name, path in (("image_tokenizer", cfg.image_tokenizer), ("text_tokenizer", cfg.text_tokenizer))}
+
+
+def other_tokenizer(out_dir: Path, files: dict) -> str | None:
+    """The first tokenizer (by name) whose file differs from the one `out_dir`'s shards were made
+    with (`files`: `tokenizer_files`); None when they match or the folder holds no shards yet."""
+    if not (out_dir / "meta.json").is_file():
+        return None
+    old = read_meta(out_dir)
+    return next((name for name in files if old.get(name, {}).get("sha256") != files[name]["sha256"]), None)
+
+
 def _tokenizer_meta(cfg: PreprocessConfig) -> dict:
     text = TextTokenizer.from_file(cfg.text_tokenizer)
     image = ImageTokenizer.from_checkpoint(cfg.image_tokenizer)
@@ -104,22 +119,18 @@ def _tokenizer_meta(cfg: PreprocessConfig) -> dict:
         "vocab": {"text_size": text.vocab_size, "n_image_codes": image.n_codes},
         "tokens_per_image": image.tokens_per_image,
         "image_resolution": image.resolution,
-        "image_tokenizer": {"path": str(cfg.image_tokenizer), "sha256": file_sha256(cfg.image_tokenizer)},
-        "text_tokenizer": {"path": str(cfg.text_tokenizer), "sha256": file_sha256(cfg.text_tokenizer)},
+        **tokenizer_files(cfg),
     }
 
 
 def _check_same_tokenizers(out_dir: Path, meta: dict) -> None:
     """Refuse to mix shards made with different tokenizers in one folder."""
-    if not (out_dir / "meta.json").is_file():
-        return
-    old = read_meta(out_dir)
-    for name in ("image_tokenizer", "text_tokenizer"):
-        if old[name]["sha256"] != meta[name]["sha256"]:
-            raise ValueError(
-                f"{out_dir} holds token shards made with another {name} ({old[name]['path']}); "
-                "write to a new output folder or delete this one"
-            )
+    name = other_tokenizer(out_dir, {k: meta[k] for k in ("image_tokenizer", "text_tokenizer")})
+    if name:
+        raise ValueError(
+            f"{out_dir} holds token shards made with another {name} ({read_meta(out_dir)[name]['path']}); "
+            "write to a new output folder or delete this one"
+        )
 
 
 def preprocess_split(raw: str, out_dir: str | Path, cfg: PreprocessConfig, progress: bool = True) -> dict:
