@@ -6,9 +6,8 @@ newest); `export_to=PATH` also writes the final VQModel weights (taming key layo
 to PATH and its architecture to PATH with a .yaml suffix, which `ImageTokenizer.from_checkpoint`
 reads.
 
-Rebuild the shipped tokenizer (data/shipped/world_vqgan.ckpt + .yaml; ~15-20 min on 2 CPU cores):
-
-    .venv/bin/python src/train_tokenizer.py export_to=data/shipped/world_vqgan.ckpt
+Rebuild the shipped tokenizer (data/shipped/world_vqgan.ckpt + .yaml): `make tokenizers` (~1.5 h on
+2 CPU cores: a 512-code model, then `init_from=` it with its codebook split into 2048 codes).
 
 Your own data and the paper's architecture (GPU; GAN and perceptual loss as in taming):
 
@@ -92,6 +91,8 @@ def _loggers(cfg: DictConfig, out_dir: Path) -> list:
 
 def train(cfg: DictConfig) -> dict:
     """Fit the VQGAN as `cfg` says; returns the final train/val metrics (and the export path)."""
+    if cfg.init_from and not Path(cfg.init_from).is_file():
+        raise FileNotFoundError(f"init_from={cfg.init_from}: no such VQGAN weights file (a .ckpt in taming layout)")
     torch.set_num_threads(int(cfg.threads))
     L.seed_everything(int(cfg.seed), workers=True)
     out_dir = Path(cfg.paths.output_dir)  # the Hydra run dir
@@ -114,7 +115,15 @@ def train(cfg: DictConfig) -> dict:
     )
     m = OmegaConf.to_container(cfg.module, resolve=True)
     module = VQGANModule(tokenizer=tok_cfg.to_dict(), optim=m["optim"], loss=m["loss"], codebook=m["codebook"], val=m["val"],
-                         crop=m["crop"])
+                         crop=m["crop"], decoder_only=m["decoder_only"])
+
+    if cfg.init_from and not cfg.ckpt_path:
+        from cm3leon.tokenizers.image_tokenizer import extract_vq_state_dict, load_container
+
+        path = Path(cfg.init_from)
+        obj = load_container(path)
+        n_old = module.load_vq_weights(extract_vq_state_dict(obj.get("state_dict", obj)))
+        log.info("started from %s (%d codes -> %d)", path, n_old, tok_cfg.n_embed)
 
     from lightning.pytorch.callbacks import ModelCheckpoint
 

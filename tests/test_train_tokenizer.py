@@ -78,7 +78,7 @@ def test_hydra_script_fast_dev_run_and_export(tmp_path):
     assert all(k.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "quantize.")) for k in sd)
     assert "rebuild:" in export.with_suffix(".yaml").read_text()
     tok = ImageTokenizer.from_checkpoint(export)
-    assert tok.resolution == 64 and tok.tokens_per_image == 64 and tok.n_codes == 512
+    assert tok.resolution == 64 and tok.tokens_per_image == 64 and tok.n_codes == 2048
 
 
 def _random_loader(n_batches=4, bs=4, res=16):
@@ -141,3 +141,47 @@ def test_perceptual_loss_with_local_vgg(tmp_path):
     assert d_same.shape == (2,) and torch.allclose(d_same, torch.zeros(2), atol=1e-6)
     assert (d_diff > 0).all()
     assert not any(p.requires_grad for p in module.perceptual.parameters())
+
+
+def test_init_from_grows_the_codebook_by_splitting_codes(tmp_path):
+    """init_from: trained weights start a run; a 16-code codebook grows to 64 by noisy copies, and
+    the grown model tokenizes like the old one (the old codes are its first rows, the copies lie
+    within noise of them)."""
+    small = VQGANModule(tokenizer=TINY16)
+    with torch.no_grad():
+        small.vqgan.quantize.embedding.weight.normal_()
+    big = VQGANModule(tokenizer={**TINY16, "n_embed": 64})
+    assert big.load_vq_weights(small.vq_state_dict()) == 16
+    old, new = small.vqgan.quantize.embedding.weight, big.vqgan.quantize.embedding.weight
+    assert torch.equal(new[:16], old)
+    gap = (new[16:] - old.repeat(3, 1)).norm(dim=1)
+    assert (gap > 0).all() and (gap < 0.1 * old.norm(dim=1).repeat(3)).all()
+    assert torch.equal(big.vqgan.encoder.conv_in.weight, small.vqgan.encoder.conv_in.weight)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    same = (big.vqgan.encode(x)[2] % 16 == small.vqgan.encode(x)[2]).float().mean()
+    assert same > 0.9  # a copy may win a near-tie, and then it is the split of the same code
+    # what cannot start the run is one clear error
+    with pytest.raises(ValueError, match="embed_dim"):
+        VQGANModule(tokenizer={**TINY16, "n_embed": 8}).load_vq_weights(small.vq_state_dict())
+    with pytest.raises(ValueError, match="do not fit"):
+        VQGANModule(tokenizer={**TINY16, "ch": 16}).load_vq_weights(small.vq_state_dict())
+
+
+def test_decoder_only_training_keeps_every_code(tmp_path):
+    """decoder_only: the decoder learns while the encoder, quant_conv and codebook stay bit-identical
+    (restarts are off), so images tokenize exactly as before and existing token shards stay valid."""
+    module = VQGANModule(tokenizer=TINY16, optim={"lr": 1e-2, "total_steps": 4},
+                         codebook={"window": 1, "restart_every": 1, "restart_until": None}, decoder_only=True)
+    frozen = {k: v.clone() for k, v in module.vq_state_dict().items() if not k.startswith(("decoder.", "post_quant_conv."))}
+    decoder_before = module.vqgan.decoder.conv_out.weight.detach().clone()
+    x = torch.rand(4, 3, 16, 16) * 2 - 1
+    codes_before = module.vqgan.encode(x)[2]
+    trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module, train_dataloaders=_random_loader())
+    after = module.vq_state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in frozen.items())
+    assert not torch.equal(decoder_before, module.vqgan.decoder.conv_out.weight)
+    assert torch.equal(codes_before, module.vqgan.encode(x)[2])
+    with pytest.raises(ValueError, match="ema"):
+        VQGANModule(tokenizer=TINY16, codebook={"ema": True}, decoder_only=True)

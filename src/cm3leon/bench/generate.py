@@ -30,9 +30,21 @@ from cm3leon.model import CM3LeonLM, ModelConfig
 from cm3leon.vocab import Vocab
 
 
-# The embedded world's table (the tiny model's real setting): 355 BPE ids + 512 image codes + <break>,
-# <eoss>, 16 sentinels, padded to a multiple of 8. bench_train_step uses 16,384: pass vocab_size=16384.
-WORLD_VOCAB_SIZE = 888
+def world_vocab_size() -> int:
+    """The embedded world's table (the tiny model's real setting): the shipped BPE's ids + the tiny
+    VQGAN's codes (conf/tokenizer/tiny.yaml) + <break>, <eoss>, 16 sentinels, padded to a multiple of 8.
+    bench_train_step uses 16,384: pass vocab_size=16384."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    from cm3leon import PROJECT_ROOT
+    from cm3leon.vocab import Vocab
+
+    bpe = json.loads((PROJECT_ROOT / "data/shipped/world_bpe.json").read_text())
+    n_codes = int(OmegaConf.load(PROJECT_ROOT / "conf/tokenizer/tiny.yaml").n_embed)
+    n_sentinels = int(OmegaConf.load(PROJECT_ROOT / "conf/data/world.yaml").vocab.n_sentinels)
+    return Vocab(text_size=len(bpe["model"]["vocab"]), n_image_codes=n_codes, n_sentinels=n_sentinels).size
 
 
 def copy_weights_to_opt(model: CM3LeonLM, hf) -> None:
@@ -110,7 +122,7 @@ def bench_generate(device: str = "cpu", *, size: str = "tiny", vocab_size: int |
 
 @torch.no_grad()
 def _bench_generate(device, size, vocab_size, prompt_len, new_tokens, repeats, seed, with_350m) -> dict:
-    vocab_size = vocab_size or WORLD_VOCAB_SIZE
+    vocab_size = vocab_size or world_vocab_size()
     torch.manual_seed(seed)
     # non-zero residual outputs so that greedy decoding is not trivially constant
     cfg = ModelConfig.from_name(size, vocab_size=vocab_size, zero_init_residual_out=False, init_std=0.02)

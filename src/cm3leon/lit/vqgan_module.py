@@ -127,6 +127,9 @@ class VQGANModule(L.LightningModule):
         val: caption_accuracy (bool), caption_samples (int).
         crop: size (px, or null), until (fraction of total_steps): train on random crops aligned to the
               code grid first, full images after (a 32 px crop of a 64 px image costs 4x less).
+        decoder_only: train post_quant_conv + decoder only; the encoder, quant_conv and codebook are
+              frozen and codes are never restarted, so every code (and every token shard made with
+              these weights) stays valid while reconstructions improve.
     """
 
     def __init__(
@@ -137,6 +140,7 @@ class VQGANModule(L.LightningModule):
         codebook: dict[str, Any] | None = None,
         val: dict[str, Any] | None = None,
         crop: dict[str, Any] | None = None,
+        decoder_only: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -150,6 +154,7 @@ class VQGANModule(L.LightningModule):
         self.cb_cfg = {"window": 50, "restart_every": 0, "restart_until": None, "ema": False, "ema_decay": 0.99,
                        **(codebook or {})}
         self.val_cfg = {"caption_accuracy": False, "caption_samples": 1000, **(val or {})}
+        self.decoder_only = bool(decoder_only)
         self.crop_cfg = {"size": None, "until": 0.0, **(crop or {})}
         if self.loss_cfg["rec"] not in ("l1", "l2", "l1+l2"):
             raise ValueError(f"loss.rec={self.loss_cfg['rec']!r}: expected 'l1', 'l2' or 'l1+l2'")
@@ -161,6 +166,12 @@ class VQGANModule(L.LightningModule):
         self.discriminator = None
         if self.loss_cfg["disc_enabled"]:
             self.discriminator = NLayerDiscriminator(self.cfg.out_ch, self.loss_cfg["disc_ndf"], self.loss_cfg["disc_layers"])
+        if self.decoder_only:
+            if self.cb_cfg["ema"]:
+                raise ValueError("decoder_only keeps the codebook fixed: it cannot be combined with codebook.ema")
+            # the encoder, quant_conv and codebook define the codes: frozen, existing token shards stay valid
+            for m in (self.vqgan.encoder, self.vqgan.quant_conv, self.vqgan.quantize):
+                m.requires_grad_(False)
         if self.cb_cfg["ema"]:
             n, d = self.cfg.n_embed, self.cfg.embed_dim
             self.vqgan.quantize.embedding.weight.requires_grad_(False)
@@ -228,8 +239,9 @@ class VQGANModule(L.LightningModule):
         lc = self.loss_cfg
         x = self._train_view(batch["image"], step)
 
-        z = self.vqgan.encode_pre_quant(x)
-        z_q, q_loss, codes = self._quantize(z)
+        with torch.set_grad_enabled(not self.decoder_only):
+            z = self.vqgan.encode_pre_quant(x)
+            z_q, q_loss, codes = self._quantize(z)
         xrec = self.vqgan.decode(z_q)
         rec_loss = self._rec_loss(x, xrec.float())
         nll = lc["rec_weight"] * rec_loss
@@ -305,6 +317,8 @@ class VQGANModule(L.LightningModule):
     def _maybe_restart_codes(self, step: int) -> None:
         """Every `restart_every` steps, move codes unused over the window onto random recent encoder outputs."""
         every, until = int(self.cb_cfg["restart_every"] or 0), self.cb_cfg["restart_until"]
+        if self.decoder_only:
+            return  # a restarted code could win the nearest-code search: the codes must not change
         if until is not None and until <= 1 and self.optim_cfg["total_steps"]:
             until = until * self.optim_cfg["total_steps"]  # a fraction of the run
         if every <= 0 or (step + 1) % every or (until is not None and step >= until):
@@ -383,6 +397,31 @@ class VQGANModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._steps_done = int(checkpoint.get("vqgan_steps_done", 0))
+
+    @torch.no_grad()
+    def load_vq_weights(self, sd: dict[str, torch.Tensor], noise: float = 0.01) -> int:
+        """Start from trained VQModel weights (taming keys). A smaller codebook in `sd` is grown to
+        this model's n_embed by splitting: new code j copies old code j mod n_old plus `noise` x its
+        std of Gaussian noise, so near-ties between copies let each take part of the old cluster.
+        Returns the number of codes in `sd`. Any other shape mismatch is an error."""
+        sd = dict(sd)
+        key = "quantize.embedding.weight"
+        old = sd[key].float()
+        n_old, n_new = old.shape[0], self.cfg.n_embed
+        if old.shape[1] != self.cfg.embed_dim or n_old > n_new:
+            raise ValueError(f"codebook [{n_old}, {old.shape[1]}] cannot start a [{n_new}, {self.cfg.embed_dim}] one: "
+                             "init_from needs the same embed_dim and at most tokenizer.n_embed codes")
+        if n_old < n_new:
+            grown = old[torch.arange(n_new) % n_old]
+            grown[n_old:] += noise * old.std() * torch.randn_like(grown[n_old:])
+            sd[key] = grown
+        try:
+            self.vqgan.load_state_dict(sd, strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"init_from weights do not fit tokenizer {self.cfg}: {str(e).splitlines()[0]}") from None
+        if self.cb_cfg["ema"]:
+            self.ema_embed_sum.copy_(self.vqgan.quantize.embedding.weight)
+        return n_old
 
     def vq_state_dict(self) -> dict[str, torch.Tensor]:
         """Only the VQModel weights, in taming key layout (what `ImageTokenizer` loads)."""

@@ -53,7 +53,7 @@ def resolve_config(config: ConfigLike) -> VQGANConfig:
     raise TypeError(f"cannot read a VQGAN config from {type(config).__name__}")
 
 
-def _load_container(path: Path) -> dict[str, Any]:
+def load_container(path: Path) -> dict[str, Any]:
     """Read a .safetensors or torch file into a dict (a state dict or a checkpoint holding one)."""
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -120,7 +120,7 @@ class ImageTokenizer:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"VQGAN checkpoint not found: {path}")
-        obj = _load_container(path)
+        obj = load_container(path)
         if config is None:
             beside = [p for p in (path.with_suffix(".yaml"), path.with_suffix(".yml")) if p.is_file()]
             if beside:
