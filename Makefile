@@ -35,18 +35,22 @@ eval-fid: install  ## zero-shot FID (see README "Evaluation"); pass ARGS="ckpt=.
 	$(PY) src/eval_fid.py $(ARGS)
 
 VQ_RUN := logs/train_tokenizer/world_vqgan
-VQ_GROW_STEPS := 2000
-tokenizers: install  ## rebuild the shipped tiny tokenizers from the embedded world (~1.5 h on 2 CPU cores)
+VQ_DECODER_STEPS := 3000
+tokenizers: install  ## rebuild the shipped tiny tokenizers from the embedded world (~2 h on 2 CPU cores)
 	$(PY) src/make_world.py
 	$(PY) src/train_bpe.py
-	# the shipped VQGAN's schedule: a 512-code model (2000 steps of a 3000-step cosine, then a 6000-step
-	# cosine to step 4000), whose codebook is then split to 2048 codes and trained $(VQ_GROW_STEPS) more steps
+	# the shipped VQGAN's schedule: (1) a 512-code model, 2000 steps of a 3000-step cosine, then a
+	# 6000-step cosine to step 4000; (2) its codebook split into 2048 codes, 2000 steps; (3) the
+	# decoder alone (codes frozen) $(VQ_DECODER_STEPS) steps
 	$(PY) src/train_tokenizer.py hydra.run.dir=$(VQ_RUN)/512 tokenizer.n_embed=512 trainer.max_steps=2000 \
 		module.optim.total_steps=3000
 	$(PY) src/train_tokenizer.py hydra.run.dir=$(VQ_RUN)/512 tokenizer.n_embed=512 trainer.max_steps=4000 \
 		module.optim.total_steps=6000 ckpt_path=$(VQ_RUN)/512/checkpoints/last.ckpt export_to=$(VQ_RUN)/vqgan_512.ckpt
 	$(PY) src/train_tokenizer.py hydra.run.dir=$(VQ_RUN)/2048 init_from=$(VQ_RUN)/vqgan_512.ckpt \
-		trainer.max_steps=$(VQ_GROW_STEPS) module.optim.lr=5e-4 export_to=data/shipped/world_vqgan.ckpt
+		trainer.max_steps=2000 module.optim.lr=5e-4 export_to=$(VQ_RUN)/vqgan_2048.ckpt
+	$(PY) src/train_tokenizer.py hydra.run.dir=$(VQ_RUN)/decoder init_from=$(VQ_RUN)/vqgan_2048.ckpt \
+		module.decoder_only=true trainer.max_steps=$(VQ_DECODER_STEPS) module.optim.lr=3e-4 \
+		export_to=data/shipped/world_vqgan.ckpt
 
 clean-data:  ## remove generated data (the shipped artefacts stay)
 	rm -rf data/world
