@@ -36,7 +36,7 @@ def make_tiny_clip(path: Path) -> Path:
 
 
 def make_tiny_vqgan(path: Path) -> Path:
-    """A random tiny VQGAN (64 px -> 8x8 codes, 512 entries) with its config yaml beside it."""
+    """A random tiny VQGAN (conf/tokenizer/tiny.yaml: 64 px -> 8x8 codes) with its config yaml beside it."""
     from cm3leon.tokenizers.image_tokenizer import CONFIG_DIR, ImageTokenizer
 
     torch.manual_seed(0)
@@ -55,7 +55,10 @@ def make_tiny_lm(path: Path, vqgan: Path) -> Path:
     from cm3leon.vocab import Vocab
 
     text = TextTokenizer.from_file(BPE)
-    vocab = Vocab(text_size=text.vocab_size, n_image_codes=512, n_sentinels=16)
+    from cm3leon.tokenizers.image_tokenizer import ImageTokenizer
+
+    n_codes = ImageTokenizer.from_checkpoint(vqgan).n_codes
+    vocab = Vocab(text_size=text.vocab_size, n_image_codes=n_codes, n_sentinels=16)
     optim = dict(lr=1e-3, betas=[0.9, 0.95], eps=1e-8, weight_decay=0.1, warmup_steps=1, final_lr_ratio=0.1, max_steps=1)
     meta = {"tokens_per_image": 64, "image_tokenizer": {"path": str(vqgan)}, "text_tokenizer": {"path": str(BPE)}}
     torch.manual_seed(0)

@@ -22,7 +22,7 @@ BPE = ROOT / "data" / "shipped" / "world_bpe.json"
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory) -> Path:
     """A random 2-layer LM checkpoint (Lightning format) whose data meta points at a random tiny
-    VQGAN (64 px, 8x8 = 64 codes of 512) and the shipped world BPE."""
+    VQGAN (64 px, 8x8 = 64 codes) and the shipped world BPE."""
     import lightning as L
 
     from cm3leon.lit.lm_module import CM3LeonLitModule

@@ -111,19 +111,10 @@ def _shipped_reconstruction_scores(n: int) -> dict:
     return {**acc, "codes_used": len(torch.unique(codes)), "n_codes": tok.n_codes}
 
 
-def test_shipped_world_vqgan_reconstructs_checkable_images():
-    """A guard below the issue's bar: the shipped VQGAN scored 0.815 on the 1,000 val images when
-    it was shipped (4,000 CPU steps); a regression (wrong file, broken decode) falls far below."""
-    s = _shipped_reconstruction_scores(200)
-    assert s["accuracy"] >= 0.75 and s["background"] == 1.0, s
-
-
-# Issue 2 acceptance: >= 0.95 caption accuracy on the 1,000 val reconstructions and >= half the
-# codebook in use. Not met yet (0.815; all 512 codes used): xfail until a better tokenizer is shipped
-# (strict: an XPASS then fails the run, a reminder to drop the mark).
-@pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="shipped tiny VQGAN: caption accuracy 0.815 < 0.95 (README, Status)")
 def test_shipped_world_vqgan_meets_the_issue_bar():
+    """Issue 2's acceptance: the shipped tiny VQGAN's reconstructions of the 1,000 val images keep
+    their captions (pixel checker) in >= 95% of cases, the background always, and >= half the
+    codebook is in use (~30 s)."""
     s = _shipped_reconstruction_scores(1000)
     assert s["codes_used"] >= s["n_codes"] // 2, s
-    assert s["accuracy"] >= 0.95, s
+    assert s["accuracy"] >= 0.95 and s["background"] == 1.0, s
