@@ -6,8 +6,9 @@ newest); `export_to=PATH` also writes the final VQModel weights (taming key layo
 to PATH and its architecture to PATH with a .yaml suffix, which `ImageTokenizer.from_checkpoint`
 reads.
 
-Rebuild the shipped tokenizer (data/shipped/world_vqgan.ckpt + .yaml): `make tokenizers` (~1.5 h on
-2 CPU cores: a 512-code model, then `init_from=` it with its codebook split into 2048 codes).
+Rebuild the shipped tokenizer (data/shipped/world_vqgan.ckpt + .yaml): `make tokenizers` (~2 h on
+2 CPU cores: a 512-code model, then `init_from=` it with its codebook split into 2048 codes, then
+`module.decoder_only=true` with the codes frozen).
 
 Your own data and the paper's architecture (GPU; GAN and perceptual loss as in taming):
 

@@ -185,3 +185,18 @@ def test_decoder_only_training_keeps_every_code(tmp_path):
     assert torch.equal(codes_before, module.vqgan.encode(x)[2])
     with pytest.raises(ValueError, match="ema"):
         VQGANModule(tokenizer=TINY16, codebook={"ema": True}, decoder_only=True)
+
+
+def test_init_from_a_missing_file_is_one_clear_error(tmp_path):
+    """Checked before anything is generated or trained."""
+    from hydra import compose, initialize_config_dir
+
+    sys.path.insert(0, str(PROJECT_ROOT / "src"))
+    from train_tokenizer import train
+
+    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train_tokenizer", overrides=[f"init_from={tmp_path / 'nope.ckpt'}",
+                                                    f"paths.output_dir={tmp_path / 'run'}"])
+    with pytest.raises(FileNotFoundError, match="init_from=.*nope.ckpt"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()

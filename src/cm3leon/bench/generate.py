@@ -39,7 +39,6 @@ def world_vocab_size() -> int:
     from omegaconf import OmegaConf
 
     from cm3leon import PROJECT_ROOT
-    from cm3leon.vocab import Vocab
 
     bpe = json.loads((PROJECT_ROOT / "data/shipped/world_bpe.json").read_text())
     n_codes = int(OmegaConf.load(PROJECT_ROOT / "conf/tokenizer/tiny.yaml").n_embed)
