@@ -119,12 +119,10 @@ def train(cfg: DictConfig) -> dict:
                          crop=m["crop"], decoder_only=m["decoder_only"])
 
     if cfg.init_from and not cfg.ckpt_path:
-        from cm3leon.tokenizers.image_tokenizer import extract_vq_state_dict, load_container
+        from cm3leon.tokenizers.image_tokenizer import read_vq_state_dict
 
-        path = Path(cfg.init_from)
-        obj = load_container(path)
-        n_old = module.load_vq_weights(extract_vq_state_dict(obj.get("state_dict", obj)))
-        log.info("started from %s (%d codes -> %d)", path, n_old, tok_cfg.n_embed)
+        n_old = module.load_vq_weights(read_vq_state_dict(cfg.init_from))
+        log.info("started from %s (%d codes -> %d)", cfg.init_from, n_old, tok_cfg.n_embed)
 
     from lightning.pytorch.callbacks import ModelCheckpoint
 

@@ -147,9 +147,9 @@ def test_world_tokens_text_round_trip_and_codes_match_the_tokenizer(tiny_tokens)
 
 
 def test_world_tokens_round_trip_with_shipped_tokenizers(tiny_tokens):
-    """Text ids decode to the caption exactly; shipped-VQGAN reconstructions from the stored codes
-    pass the pixel checker (the issue's >= 0.95 on the 1,000 val images is test_image_tokenizer.py's;
-    here the stored codes of 64 samples, with room for sampling noise: >= 0.9)."""
+    """Issue 2's acceptance on token shards: text ids decode to the caption exactly; shipped-VQGAN
+    reconstructions from the stored codes pass the pixel checker on >= 95% of the 64 samples
+    (deterministic; 0.969 when shipped; the 1,000-image bar is test_image_tokenizer.py's)."""
     from cm3leon.data.checker import caption_accuracy
     from cm3leon.tokenizers.image_processing import postprocess
     from world_fixtures import SHIPPED_VQ
@@ -161,4 +161,4 @@ def test_world_tokens_round_trip_with_shipped_tokenizers(tiny_tokens):
     assert all(text.decode(s.text_ids) == s.caption for s in samples)
     images = tok.decode(torch.from_numpy(np.stack([s.codes.astype(np.int64) for s in samples])))
     acc = caption_accuracy(list(postprocess(images)), [s.caption for s in samples])
-    assert acc["correct"] >= 0.9, acc
+    assert acc["correct"] >= 0.95, acc

@@ -34,16 +34,15 @@ def world_vocab_size() -> int:
     """The embedded world's table (the tiny model's real setting): the shipped BPE's ids + the tiny
     VQGAN's codes (conf/tokenizer/tiny.yaml) + <break>, <eoss>, 16 sentinels, padded to a multiple of 8.
     bench_train_step uses 16,384: pass vocab_size=16384."""
-    import json
-
     from omegaconf import OmegaConf
 
     from cm3leon import PROJECT_ROOT
+    from cm3leon.tokenizers.text_tokenizer import TextTokenizer
 
-    bpe = json.loads((PROJECT_ROOT / "data/shipped/world_bpe.json").read_text())
+    text_size = TextTokenizer.from_file(PROJECT_ROOT / "data/shipped/world_bpe.json").vocab_size
     n_codes = int(OmegaConf.load(PROJECT_ROOT / "conf/tokenizer/tiny.yaml").n_embed)
     n_sentinels = int(OmegaConf.load(PROJECT_ROOT / "conf/data/world.yaml").vocab.n_sentinels)
-    return Vocab(text_size=len(bpe["model"]["vocab"]), n_image_codes=n_codes, n_sentinels=n_sentinels).size
+    return Vocab(text_size=text_size, n_image_codes=n_codes, n_sentinels=n_sentinels).size
 
 
 def copy_weights_to_opt(model: CM3LeonLM, hf) -> None:

@@ -53,7 +53,7 @@ def resolve_config(config: ConfigLike) -> VQGANConfig:
     raise TypeError(f"cannot read a VQGAN config from {type(config).__name__}")
 
 
-def load_container(path: Path) -> dict[str, Any]:
+def _load_container(path: Path) -> dict[str, Any]:
     """Read a .safetensors or torch file into a dict (a state dict or a checkpoint holding one)."""
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -98,6 +98,16 @@ def extract_vq_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
     return out
 
 
+def _vq_state_dict_of(obj: Any) -> dict[str, torch.Tensor]:
+    """The VQModel weights inside a loaded file (a checkpoint holding `state_dict`, or a state dict)."""
+    return extract_vq_state_dict(obj.get("state_dict", obj) if isinstance(obj, Mapping) else obj)
+
+
+def read_vq_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The taming-key VQModel weights of a file (.ckpt / .pt / .safetensors), no architecture needed."""
+    return _vq_state_dict_of(_load_container(Path(path)))
+
+
 class ImageTokenizer:
     """A frozen VQGAN in eval mode with image-level encode/decode. Codes are flattened row-major: [B, h*w]."""
 
@@ -120,7 +130,7 @@ class ImageTokenizer:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"VQGAN checkpoint not found: {path}")
-        obj = load_container(path)
+        obj = _load_container(path)
         if config is None:
             beside = [p for p in (path.with_suffix(".yaml"), path.with_suffix(".yml")) if p.is_file()]
             if beside:
@@ -133,8 +143,7 @@ class ImageTokenizer:
                         f"or put {path.with_suffix('.yaml').name} beside it"
                     )
         cfg = resolve_config(config)
-        sd = obj.get("state_dict", obj) if isinstance(obj, Mapping) else obj
-        sd = extract_vq_state_dict(sd)
+        sd = _vq_state_dict_of(obj)
         with torch.device("meta"):  # no random init: every weight comes from the file
             model = VQModel(cfg)
         try:
