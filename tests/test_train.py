@@ -33,7 +33,7 @@ def group_options(group: str) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    "group", ["model", "data", "objective", "retrieval", "optim", "trainer", "callbacks", "logger"]
+    "group", ["model", "data", "objective", "retrieval", "optim", "trainer", "callbacks", "logger", "experiment"]
 )
 def test_every_config_group_option_composes_and_resolves(group):
     options = group_options(group)

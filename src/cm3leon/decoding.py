@@ -280,6 +280,10 @@ class PaddedKVCache(KVCache):
         keys = torch.arange(self.max_len, device=start.device)
         self._keys = keys
         self._valid = keys[None, :] >= start[:, None]  # [R, S]
+        # the same as an additive mask in the cache's dtype: SDPA would convert a bool mask to this
+        # in every layer of every decode step
+        self._bias = torch.zeros(self._valid.shape, dtype=cache.k[0].dtype, device=start.device).masked_fill(
+            ~self._valid, float("-inf"))  # [R, S]
 
     def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Write k, v [R, H, T, hd] at slots input_pos [T]; return k, v [R, H, limit or max_len, hd]."""
@@ -289,7 +293,12 @@ class PaddedKVCache(KVCache):
         return k_all[:, :, : self.limit], v_all[:, :, : self.limit]
 
     def attn_mask(self, input_pos: torch.Tensor) -> torch.Tensor:
-        """input_pos: slots [T] -> bool [R, 1, T, limit or max_len]."""
+        """input_pos: slots [T] -> bool [R, 1, T, limit or max_len] (an additive float mask of that
+        shape for an eager decode step)."""
+        if self.limit is not None and input_pos.numel() == 1:
+            # eager decode step: the one query is the newest slot (limit - 1), so causality holds
+            # for every kept key and the mask is the rows' padding alone (a view: no work per step)
+            return self._bias[:, None, None, : self.limit]
         keys, valid = self._keys[: self.limit], self._valid[:, : self.limit]
         causal = keys[None, :] <= input_pos[:, None]  # [T, S]
         own = keys[None, :] == input_pos[:, None]  # [T, S]

@@ -204,7 +204,8 @@ class CausalSelfAttention(nn.Module):
             att = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # [B, H, T, S]
             if mask is None:
                 mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-            att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+            # mask: bool (True = may attend) or additive float, as SDPA takes it
+            att = (att + mask if mask.is_floating_point() else att.masked_fill(~mask, float("-inf"))).softmax(dim=-1)
             att = F.dropout(att, dropout_p, training=self.training)
             y = att @ v
         y = y.transpose(1, 2).reshape(B, T, C)  # [B, T, C]
