@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: install test test-slow demo data bench eval-fid tokenizers clean-data help
+.PHONY: install test test-slow demo data bench eval-fid world-cfg tokenizers clean-data help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -33,6 +33,16 @@ bench: install  ## hot-path benchmarks against their peers, printed as JSON
 
 eval-fid: install  ## zero-shot FID (see README "Evaluation"); pass ARGS="ckpt=... eval=coco30k"
 	$(PY) src/eval_fid.py $(ARGS)
+
+WORLD_RUN := logs/train/world_long
+WORLD_CKPT = $(WORLD_RUN)/checkpoints/step_0006000.ckpt
+WORLD_EVAL = $(PY) src/eval_fid.py -m ckpt=$(WORLD_CKPT) eval=embedded eval.n_captions=200 eval.samples_per_caption=1 eval.rerank.enabled=false
+world-cfg: install  ## the README's CFG table: train experiment=world_long (~100 min on 2 CPU cores), then 5 decodings (~15 min)
+	test -f $(WORLD_CKPT) || $(PY) src/train.py experiment=world_long hydra.run.dir=$(WORLD_RUN)
+	$(WORLD_EVAL) decoding=topp_cfg decoding.cfg_weight=1,3 'out_dir=$(WORLD_RUN)/eval/topp_cfg$${decoding.cfg_weight}'
+	$(WORLD_EVAL) decoding=topp_cfg decoding.cfg_weight=3 decoding.truncate_on=conditional 'out_dir=$(WORLD_RUN)/eval/topp_cfg$${decoding.cfg_weight}_conditional'
+	$(WORLD_EVAL) decoding=cdk decoding.cfg_weight=1,3 'out_dir=$(WORLD_RUN)/eval/cdk_cfg$${decoding.cfg_weight}'
+	$(PY) src/eval_table.py $(WORLD_RUN)/eval
 
 VQ_RUN := logs/train_tokenizer/world_vqgan
 VQ_DECODER_STEPS := 3000

@@ -15,6 +15,8 @@ Three layers, top-down:
 Guidance, as implemented (streams are ordered conditional first, unconditional last):
 - CFG:          expert = uncond + w (cond - uncond)  on raw logits. (Using log-probs instead gives
                 the same distribution: each stream's log-softmax shift is a per-row constant.)
+                Top-k / top-p then pick the candidates from the guided distribution (truncate_on
+                "guided") or from the conditional stream's ("conditional"; sampled by guided probability).
 - instruct-CFG: expert = uncond + s_img (img_cond - uncond) + s_txt (full - img_cond).
 - CD-K:         on the expert's next-token distribution p_e (softmax of the guided logits, so
                 cfg_weight 1 makes it the conditional stream, the paper's formula) and the amateur
@@ -47,6 +49,7 @@ from cm3leon.vocab import EOS_ID, PAD_ID, UNK_ID, Vocab
 
 NEG_INF = float("-inf")
 STRATEGIES = ("topp", "cdk", "mixed")
+TRUNCATE_ON = ("guided", "conditional")
 
 
 # =============================================================================================
@@ -131,6 +134,17 @@ def cdk_scores(expert_logits: torch.Tensor, amateur_logits: torch.Tensor, *, alp
     return (logp_e - logp_a).masked_fill(~keep, NEG_INF)
 
 
+def truncate(logits: torch.Tensor, temperature: float = 1.0, top_p: float | None = None,
+             top_k: int | None = None) -> torch.Tensor:
+    """temperature, then top-k, then top-p (-inf outside the kept set): [B, V] -> float [B, V]."""
+    logits = apply_temperature(logits.float(), temperature)
+    if top_k is not None and top_k > 0:
+        logits = filter_top_k(logits, top_k)
+    if top_p is not None and top_p < 1.0:
+        logits = filter_top_p(logits, top_p)
+    return logits
+
+
 def sample_from_logits(
     logits: torch.Tensor,
     temperature: float = 1.0,
@@ -139,15 +153,9 @@ def sample_from_logits(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """logits [B, V] -> sampled ids [B] (temperature, then top-k, then top-p); temperature 0 is greedy."""
-    logits = logits.float()
     if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = apply_temperature(logits, temperature)
-    if top_k is not None and top_k > 0:
-        logits = filter_top_k(logits, top_k)
-    if top_p is not None and top_p < 1.0:
-        logits = filter_top_p(logits, top_p)
-    probs = logits.softmax(dim=-1)
+        return logits.float().argmax(dim=-1)
+    probs = truncate(logits, temperature, top_p, top_k).softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -165,6 +173,12 @@ class DecodingConfig:
                   uses alpha 0.5 and amateur temperature 0.5; k = 5 is this project's choice).
     cdk_temperature: sampling temperature over the CD-K scores (None: `temperature`; 0: argmax).
     image_weight, text_weight: instruct-CFG weights for editing (paper: 1.5 / 7.5).
+    truncate_on:  which distribution top-k / top-p choose the candidate tokens from under guidance:
+                  "guided" (the CFG logits: truncation after guidance) or "conditional" (the
+                  conditional stream's, at the same temperature; the token is then sampled from the
+                  guided distribution over those candidates). The paper does not say; "conditional"
+                  keeps guidance from promoting tokens the conditional model itself finds implausible
+                  (CFG multiplies p_cond / p_uncond by itself w - 1 times, largest where both are tiny).
     """
 
     strategy: str = "topp"
@@ -178,10 +192,13 @@ class DecodingConfig:
     cdk_temperature: float | None = None
     image_weight: float = 1.5
     text_weight: float = 7.5
+    truncate_on: str = "guided"
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise ValueError(f"decoding.strategy={self.strategy!r} is not one of {STRATEGIES}")
+        if self.truncate_on not in TRUNCATE_ON:
+            raise ValueError(f"decoding.truncate_on={self.truncate_on!r} is not one of {TRUNCATE_ON}")
         if self.temperature < 0 or (self.top_p is not None and not 0 < self.top_p <= 1):
             raise ValueError(f"need decoding.temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
         if not 0 <= self.cdk_alpha <= 1 or self.cdk_k < 1 or self.cdk_amateur_temperature <= 0:
@@ -238,7 +255,13 @@ class Picker:
         expert = restrict(self.expert(logits.float()), allowed)
         topp = None
         if c.strategy in ("topp", "mixed"):
-            topp = sample_from_logits(expert, c.temperature, c.top_p, c.top_k, self.generator)
+            if c.truncate_on == "conditional" and logits.shape[0] > 1 and c.temperature > 0:
+                # candidates from the conditional stream, probabilities from the guided logits
+                keep = torch.isfinite(truncate(restrict(logits[0].float(), allowed), c.temperature, c.top_p, c.top_k))
+                topp = sample_from_logits(expert.masked_fill(~keep, NEG_INF), c.temperature,
+                                          generator=self.generator)
+            else:
+                topp = sample_from_logits(expert, c.temperature, c.top_p, c.top_k, self.generator)
             if not self._any_cdk:
                 return topp
         if logits.shape[0] < 2:
