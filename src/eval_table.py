@@ -4,7 +4,7 @@
     python src/eval_table.py logs/eval_fid/embedded            # every fid.json below the folder
     python src/eval_table.py A/fid.json B/fid.json
 
-Rows are sorted by decoding strategy (top-p first) and CFG weight. Caption accuracy carries its binomial standard
+Rows are sorted by decoding strategy (top-p first), top-p (largest first) and CFG weight. Caption accuracy carries its binomial standard
 error (sqrt(p (1 - p) / n)). Results whose captions, checkpoint or samples per caption differ are not
 comparable: the table says so in a column instead of hiding it.
 """
@@ -47,7 +47,10 @@ def decoding_label(dec: dict) -> str:
     if dec.get("temperature", 1.0) != 1.0:
         parts.append(f"temperature {dec['temperature']}")
     weight = dec.get("cfg_weight", 1.0)
-    parts.append(f"CFG {weight:g}" + (" (none)" if weight == 1 else ""))
+    # CD-K with weight 1 still contrasts with the unconditional stream: only plain sampling is "none"
+    parts.append(f"CFG {weight:g}" + (" (none)" if weight == 1 and dec.get("strategy") != "cdk" else ""))
+    if weight != 1 and dec.get("truncate_on") == "conditional" and dec.get("strategy") != "cdk":
+        parts.append("candidates from the conditional stream")
     return ", ".join(parts)
 
 
@@ -59,7 +62,8 @@ def table(results: list[dict]) -> str:
     """Markdown table, one row per fid.json dict."""
     def key(r: dict):
         dec = r.get("decoding", {})
-        return (dec.get("strategy") != "topp", dec.get("strategy", ""), float(dec.get("cfg_weight", 1.0)), str(dec))
+        return (dec.get("strategy") != "topp", dec.get("strategy", ""), -float(dec.get("top_p") or 1.0),
+                float(dec.get("cfg_weight", 1.0)), dec.get("truncate_on") == "conditional", str(dec))
 
     results = sorted(results, key=key)
     groups = {(r.get("checkpoint_sha256", "")[:12], r.get("captions_sha256", "")[:12], r.get("samples_per_caption"))

@@ -39,10 +39,14 @@ def test_sweep_folder_becomes_one_sorted_table_with_standard_errors(tmp_path):
     _write(tmp_path, "x3", _result(3.0, 0.3))
     _write(tmp_path, "x1", _result(1.0, 0.1))
     _write(tmp_path, "xk", _result(3.0, 0.2, strategy="cdk"))
+    conditional = _result(3.0, 0.35)
+    conditional["decoding"]["truncate_on"] = "conditional"
+    _write(tmp_path, "xc", conditional)
     out = _run(tmp_path)
     assert out.returncode == 0, out.stderr
     rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert [r.split(" | ")[0] for r in rows] == ["| top-p 0.8, CFG 1 (none)", "| top-p 0.8, CFG 3",
+                                                 "| top-p 0.8, CFG 3, candidates from the conditional stream",
                                                  "| CD-K (alpha 0.5, k 5), CFG 3"]
     se = math.sqrt(0.3 * 0.7 / 200)
     cells = rows[1].strip("| ").split(" | ")
