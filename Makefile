@@ -39,9 +39,9 @@ WORLD_CKPT = $(WORLD_RUN)/checkpoints/step_0006000.ckpt
 WORLD_EVAL = $(PY) src/eval_fid.py -m ckpt=$(WORLD_CKPT) eval=embedded eval.n_captions=200 eval.samples_per_caption=1 eval.rerank.enabled=false
 world-cfg: install  ## the README's CFG table: train experiment=world_long (~100 min on 2 CPU cores), then 7 decodings (~8 min)
 	test -f $(WORLD_CKPT) || $(PY) src/train.py experiment=world_long hydra.run.dir=$(WORLD_RUN)
-	$(WORLD_EVAL) decoding=topp_cfg decoding.cfg_weight=1,3 'out_dir=$(WORLD_RUN)/eval/topp_cfg$${decoding.cfg_weight}'
-	$(WORLD_EVAL) decoding=topp_cfg decoding.cfg_weight=3 decoding.truncate_on=conditional 'out_dir=$(WORLD_RUN)/eval/topp_cfg$${decoding.cfg_weight}_conditional'
-	$(WORLD_EVAL) decoding=topp_cfg decoding.top_p=0.3 decoding.cfg_weight=1,3 decoding.truncate_on=conditional 'out_dir=$(WORLD_RUN)/eval/topp0.3_cfg$${decoding.cfg_weight}_conditional'
+	$(WORLD_EVAL) decoding=topp_cfg decoding.cfg_weight=1,3 decoding.truncate_on=guided 'out_dir=$(WORLD_RUN)/eval/topp_cfg$${decoding.cfg_weight}'
+	$(WORLD_EVAL) decoding=topp_cfg decoding.cfg_weight=3 'out_dir=$(WORLD_RUN)/eval/topp_cfg$${decoding.cfg_weight}_conditional'
+	$(WORLD_EVAL) decoding=topp_cfg decoding.top_p=0.3 decoding.cfg_weight=1,3 'out_dir=$(WORLD_RUN)/eval/topp0.3_cfg$${decoding.cfg_weight}_conditional'
 	$(WORLD_EVAL) decoding=cdk decoding.cfg_weight=1,3 'out_dir=$(WORLD_RUN)/eval/cdk_cfg$${decoding.cfg_weight}'
 	$(PY) src/eval_table.py $(WORLD_RUN)/eval
 
