@@ -178,7 +178,8 @@ class DecodingConfig:
                   conditional stream's, at the same temperature; the token is then sampled from the
                   guided distribution over those candidates). The paper does not say; "conditional"
                   keeps guidance from promoting tokens the conditional model itself finds implausible
-                  (CFG multiplies p_cond / p_uncond by itself w - 1 times, largest where both are tiny).
+                  (guidance multiplies a token's probability by (p_cond / p_uncond)^(w - 1), which can
+                  be huge for a token both streams find unlikely).
     """
 
     strategy: str = "topp"
