@@ -35,6 +35,7 @@ eval-fid: install  ## zero-shot FID (see README "Evaluation"); pass ARGS="ckpt=.
 	$(PY) src/eval_fid.py $(ARGS)
 
 WORLD_RUN := logs/train/world_long
+# step 6000: the last step of conf/experiment/world_long.yaml
 WORLD_CKPT = $(WORLD_RUN)/checkpoints/step_0006000.ckpt
 WORLD_EVAL = $(PY) src/eval_fid.py -m ckpt=$(WORLD_CKPT) eval=embedded eval.n_captions=200 eval.samples_per_caption=1 eval.rerank.enabled=false
 world-cfg: install  ## the README's CFG table: train experiment=world_long (~100 min on 2 CPU cores), then 7 decodings (~8 min)

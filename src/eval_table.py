@@ -4,9 +4,9 @@
     python src/eval_table.py logs/eval_fid/embedded            # every fid.json below the folder
     python src/eval_table.py A/fid.json B/fid.json
 
-Rows are sorted by decoding strategy (top-p first), top-p (largest first) and CFG weight. Caption accuracy carries its binomial standard
-error (sqrt(p (1 - p) / n)). Results whose captions, checkpoint or samples per caption differ are not
-comparable: the table says so in a column instead of hiding it.
+Rows are sorted by decoding strategy (top-p first), top-p (largest first) and CFG weight. Caption
+accuracy carries its binomial standard error (sqrt(p (1 - p) / n)). Results whose captions, checkpoint
+or samples per caption differ are not comparable: the table says so in a column instead of hiding it.
 """
 
 from __future__ import annotations
