@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: install test test-slow demo data bench eval-fid world-cfg tokenizers clean-data help
+.PHONY: install test test-slow demo data bench eval-fid world-cfg world-cfg-paired tokenizers clean-data help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -50,6 +50,13 @@ world-cfg: install  ## the README's CFG table: train experiment=world_long to 12
 	$(WORLD_EVAL) decoding=topp_cfg decoding.top_p=0.3 decoding.cfg_weight=1,3 'out_dir=$(WORLD_RUN)/eval/topp0.3_cfg$${decoding.cfg_weight}_conditional'
 	$(WORLD_EVAL) decoding=cdk decoding.cfg_weight=1,3 'out_dir=$(WORLD_RUN)/eval/cdk_cfg$${decoding.cfg_weight}'
 	$(PY) src/eval_table.py $(WORLD_RUN)/eval
+
+WORLD_PAIRED = $(WORLD_RUN)/eval1000
+world-cfg-paired: install  ## after world-cfg: CFG 3 vs none, caption by caption, 1,000 val captions x 2 seeds (~35 min)
+	$(PY) src/eval_fid.py -m ckpt=$(WORLD_CKPT) eval=embedded eval.n_captions=1000 eval.samples_per_caption=1 \
+		eval.rerank.enabled=false seed=0,1 decoding=topp_cfg decoding.top_p=0.3 decoding.cfg_weight=1,3 \
+		'out_dir=$(WORLD_PAIRED)/topp0.3_seed$${seed}_cfg$${decoding.cfg_weight}_conditional'
+	$(PY) src/eval_paired.py $(foreach s,0 1,$(WORLD_PAIRED)/topp0.3_seed$(s)_cfg1_conditional $(WORLD_PAIRED)/topp0.3_seed$(s)_cfg3_conditional)
 
 VQ_RUN := logs/train_tokenizer/world_vqgan
 VQ_DECODER_STEPS := 3000
