@@ -35,14 +35,15 @@ eval-fid: install  ## zero-shot FID (see README "Evaluation"); pass ARGS="ckpt=.
 	$(PY) src/eval_fid.py $(ARGS)
 
 WORLD_RUN := logs/train/world_long
-# conf/experiment/world_long.yaml ends at step 6000; the README's model resumes it to step 12000
-# (the LR schedule is recomputed for 12,000 steps, so it jumps from 0.1x back to 0.56x of the peak)
+# conf/experiment/world_long.yaml ends at step 6000; the README's model resumes it to WORLD_STEPS
+# (the LR schedule is recomputed for the new length, so it jumps from 0.1x back to 0.56x of the peak)
+WORLD_STEPS := 12000
 WORLD_CKPT_6K = $(WORLD_RUN)/checkpoints/step_0006000.ckpt
-WORLD_CKPT = $(WORLD_RUN)/checkpoints/step_0012000.ckpt
+WORLD_CKPT = $(WORLD_RUN)/checkpoints/step_00$(WORLD_STEPS).ckpt
 WORLD_EVAL = $(PY) src/eval_fid.py -m ckpt=$(WORLD_CKPT) eval=embedded eval.n_captions=200 eval.samples_per_caption=1 eval.rerank.enabled=false
 world-cfg: install  ## the README's CFG table: train experiment=world_long to 12,000 steps (~3.3 h on 2 CPU cores), then 9 decodings (~8 min)
 	test -f $(WORLD_CKPT_6K) || $(PY) src/train.py experiment=world_long hydra.run.dir=$(WORLD_RUN)
-	test -f $(WORLD_CKPT) || $(PY) src/train.py experiment=world_long trainer.max_steps=12000 \
+	test -f $(WORLD_CKPT) || $(PY) src/train.py experiment=world_long trainer.max_steps=$(WORLD_STEPS) \
 		ckpt_path=$(WORLD_CKPT_6K) hydra.run.dir=$(WORLD_RUN)
 	$(WORLD_EVAL) decoding=topp_cfg decoding.cfg_weight=1,3 decoding.truncate_on=guided 'out_dir=$(WORLD_RUN)/eval/topp_cfg$${decoding.cfg_weight}'
 	$(WORLD_EVAL) decoding=topp_cfg decoding.cfg_weight=3 'out_dir=$(WORLD_RUN)/eval/topp_cfg$${decoding.cfg_weight}_conditional'
@@ -52,7 +53,7 @@ world-cfg: install  ## the README's CFG table: train experiment=world_long to 12
 	$(PY) src/eval_table.py $(WORLD_RUN)/eval
 
 WORLD_PAIRED = $(WORLD_RUN)/eval1000
-world-cfg-paired: install  ## after world-cfg: CFG 3 vs none, caption by caption, 1,000 val captions x 2 seeds (~35 min)
+world-cfg-paired: install  ## after world-cfg: CFG 3 vs none, caption by caption, 1,000 val captions x 2 seeds (~20 min)
 	$(PY) src/eval_fid.py -m ckpt=$(WORLD_CKPT) eval=embedded eval.n_captions=1000 eval.samples_per_caption=1 \
 		eval.rerank.enabled=false seed=0,1 decoding=topp_cfg decoding.top_p=0.3 decoding.cfg_weight=1,3 \
 		'out_dir=$(WORLD_PAIRED)/topp0.3_seed$${seed}_cfg$${decoding.cfg_weight}_conditional'
