@@ -20,17 +20,12 @@ from pathlib import Path
 import numpy as np
 
 
-def image_file(folder: str | Path, index: int) -> Path:
-    """`folder/images/{index:06d}.png`: the naming of `cm3leon.eval.generation.image_path`, not imported
-    because that module loads Lightning (30 s on a busy 2-core machine); a test keeps the two equal."""
-    return Path(folder) / "images" / f"{index:06d}.png"
-
-
 def read_correct(folder: str | Path) -> tuple[list[str], list[bool]]:
     """(captions, correct per caption) of one eval_fid output folder, in prompt order."""
     from PIL import Image
 
     from cm3leon.data.checker import check
+    from cm3leon.eval.prompts import image_path
 
     folder = Path(folder)
     prompts_file = folder / "prompts.jsonl"
@@ -39,7 +34,7 @@ def read_correct(folder: str | Path) -> tuple[list[str], list[bool]]:
     prompts = [json.loads(line) for line in prompts_file.read_text().splitlines() if line.strip()]
     captions, correct = [], []
     for p in prompts:
-        path = image_file(folder, p["index"])
+        path = image_path(folder / "images", p["index"])
         if not path.is_file():
             raise FileNotFoundError(f"{path}: missing image (rerun src/eval_fid.py with out_dir={folder} to finish it)")
         image = np.asarray(Image.open(path).convert("RGB"))

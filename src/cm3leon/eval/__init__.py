@@ -10,8 +10,9 @@ Modules, one idea each:
   functions) and `compute_fid` with torch-fidelity's Inception;
 - `frechet`: the same distances in a CLIP image tower's space (`fd_tiny_clip`, never called FID);
 - `clip_score`: 100 x mean max(cos, 0) with an open_clip model;
-- `generation`: evaluation prompts (MS-COCO, the embedded world) and resumable multi-device generation
-  (Lightning predict), used by `src/eval_fid.py`;
+- `prompts`: evaluation prompts (MS-COCO, the embedded world), prompts.jsonl and the image naming;
+- `generation`: resumable multi-device generation of those prompts (Lightning predict), used by
+  `src/eval_fid.py`;
 - `callback`: `FIDCallback`, the metrics every N training steps, logged with a sample grid.
 """
 
