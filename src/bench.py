@@ -19,7 +19,6 @@ import time
 
 import torch
 
-import cm3leon  # noqa: F401  (sets PROJECT_ROOT)
 
 # section -> (module, function, takes a device argument)
 SECTIONS = {

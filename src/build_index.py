@@ -16,17 +16,15 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # shared CPU: do not spin idle OpenMP threads
 
-import hydra
 from omegaconf import DictConfig
 
-import cm3leon  # noqa: F401  (sets PROJECT_ROOT for the configs)
+from cm3leon.cli import hydra_entry
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="build_index")
+@hydra_entry("build_index", __file__)
 def main(cfg: DictConfig) -> None:
     import logging
 
@@ -38,15 +36,11 @@ def main(cfg: DictConfig) -> None:
     torch.set_num_threads(cfg.threads)
     faiss.omp_set_num_threads(cfg.threads)
     logging.getLogger().setLevel(logging.WARNING)  # open_clip logs every factory step at INFO
-    try:
-        if cfg.world:
-            from cm3leon.data.embedded import ensure_embedded_tokens
+    if cfg.world:
+        from cm3leon.data.embedded import ensure_embedded_tokens
 
-            ensure_embedded_tokens(cfg.paths.world_dir, cfg.paths.shipped_dir)
-        manifest = build_retrieval(cfg.retrieval, cfg.tokens_dir)
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)  # one line naming the missing file and its command
-        sys.exit(1)
+        ensure_embedded_tokens(cfg.paths.world_dir, cfg.paths.shipped_dir)
+    manifest = build_retrieval(cfg.retrieval, cfg.tokens_dir)  # a missing file: one line (cm3leon.cli)
     summary = {
         "out": str(cfg.retrieval.dir or f"{cfg.tokens_dir}/retrieval"),
         "encoder": manifest["encoder"]["model_name"],

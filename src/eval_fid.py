@@ -21,18 +21,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
-import cm3leon  # noqa: F401  (sets PROJECT_ROOT)
+from cm3leon.cli import UsageError, hydra_entry
 
-
-class UsageError(Exception):
-    """Missing or bad input: reported as one line, no traceback."""
 
 
 def _container(node) -> dict:
@@ -263,13 +258,9 @@ def run(cfg: DictConfig) -> dict:
     return result
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="eval_fid")
+@hydra_entry("eval_fid", __file__)
 def main(cfg: DictConfig) -> None:
-    try:
-        run(cfg)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run(cfg)
 
 
 if __name__ == "__main__":

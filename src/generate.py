@@ -29,14 +29,11 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-import cm3leon  # noqa: F401  (sets PROJECT_ROOT)
+from cm3leon.cli import UsageError, hydra_entry
 from cm3leon import PROJECT_ROOT
 
 TASKS = ("image", "caption", "vqa", "edit", "infill")
 
-
-class UsageError(Exception):
-    """Bad or missing input: reported as one line, no traceback."""
 
 
 def _resolve(path: str | Path) -> Path:
@@ -245,13 +242,9 @@ def run(cfg: DictConfig) -> dict:
     return summary
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="generate")
+@hydra_entry("generate", __file__)
 def main(cfg: DictConfig) -> None:
-    try:
-        run(cfg)
-    except (UsageError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run(cfg)
 
 
 if __name__ == "__main__":

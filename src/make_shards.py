@@ -8,10 +8,9 @@ img2dataset output (tar shards of jpg + txt + json) is already in this layout: s
 point the later stages at those shards. See `cm3leon.data.raw_shards` for the layout.
 """
 
-import hydra
 from omegaconf import DictConfig
 
-import cm3leon  # noqa: F401  (sets PROJECT_ROOT for the configs)
+from cm3leon.cli import hydra_entry
 from cm3leon.data.raw_shards import make_shards
 
 
@@ -34,7 +33,7 @@ def run(cfg: DictConfig) -> dict:
     return manifest
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="make_shards")
+@hydra_entry("make_shards", __file__)
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

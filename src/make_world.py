@@ -10,10 +10,9 @@ Other scripts call `ensure_world(cfg)` (re-exported here) to generate it on firs
 import json
 import time
 
-import hydra
 from omegaconf import DictConfig
 
-import cm3leon  # noqa: F401  (sets PROJECT_ROOT for the configs)
+from cm3leon.cli import hydra_entry
 from cm3leon.data.world import ensure_world, generate_world, world_config, world_is_complete
 
 __all__ = ["ensure_world", "main", "run"]
@@ -34,7 +33,7 @@ def run(cfg: DictConfig) -> None:
     )
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="make_world")
+@hydra_entry("make_world", __file__)
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

@@ -11,14 +11,13 @@ finished shards. Bad samples are skipped and counted; the run ends with one summ
 
 from __future__ import annotations
 
-import hydra
 from omegaconf import DictConfig
 
-import cm3leon  # noqa: F401  (sets PROJECT_ROOT)
+from cm3leon.cli import hydra_entry
 from cm3leon.data.preprocess import PreprocessConfig, preprocess_split, summary_line
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="preprocess")
+@hydra_entry("preprocess", __file__)
 def main(cfg: DictConfig) -> None:
     pcfg = PreprocessConfig(
         image_tokenizer=cfg.image_tokenizer,

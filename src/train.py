@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-import cm3leon  # noqa: F401  (sets PROJECT_ROOT)
+from cm3leon.cli import hydra_entry
 from cm3leon.data.token_shards import load_token_vocab
 from cm3leon.vocab import Vocab
 
@@ -149,14 +148,9 @@ def train(cfg: DictConfig) -> dict:
     return summary
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra_entry("train", __file__)
 def main(cfg: DictConfig) -> float | None:
-    try:
-        summary = train(cfg)
-    except FileNotFoundError as e:
-        # missing data / checkpoints: one line naming the path and what to do, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    summary = train(cfg)
     return summary.get("val/loss")  # the value Hydra sweepers optimise
 
 

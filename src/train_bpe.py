@@ -13,11 +13,10 @@ from __future__ import annotations
 import itertools
 import json
 
-import hydra
 import webdataset as wds
 from omegaconf import DictConfig
 
-import cm3leon  # noqa: F401  (sets PROJECT_ROOT)
+from cm3leon.cli import hydra_entry
 from cm3leon.data.raw_shards import list_shards
 from cm3leon.tokenizers.text_tokenizer import train_bpe
 
@@ -29,7 +28,7 @@ def iter_captions(shards: list[str], max_docs: int | None):
     return itertools.islice((c for c in captions if c), max_docs)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train_bpe")
+@hydra_entry("train_bpe", __file__)
 def main(cfg: DictConfig) -> None:
     shards = list_shards(cfg.input)
     tok = train_bpe(iter_captions(shards, cfg.max_docs), cfg.vocab_size, cfg.min_frequency)

@@ -30,12 +30,11 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # shared CPU: do not spin idle OpenMP threads
 
-import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-import cm3leon  # noqa: F401  (sets PROJECT_ROOT for the configs)
+from cm3leon.cli import hydra_entry
 from cm3leon.data.raw_shards import iter_raw_samples
 from cm3leon.retrieval.clip_encoder import recall_at_k
 from cm3leon.retrieval.tiny_clip import TINY_CLIP, register_tiny_clip
@@ -226,13 +225,9 @@ def train_clip(cfg: DictConfig) -> dict:
     return result
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train_clip")
+@hydra_entry("train_clip", __file__)
 def main(cfg: DictConfig) -> None:
-    try:
-        train_clip(cfg)
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    train_clip(cfg)
 
 
 if __name__ == "__main__":

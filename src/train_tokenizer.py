@@ -31,13 +31,12 @@ from pathlib import Path
 # (measured here: 2 threads with the default active wait ran 4x slower than with passive wait).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-import cm3leon  # noqa: F401  (sets PROJECT_ROOT for the configs)
+from cm3leon.cli import hydra_entry
 from cm3leon.data.image_datamodule import ImageDataModule
 from cm3leon.lit.vqgan_module import VQGANModule
 from cm3leon.tokenizers.vqgan import VQGANConfig
@@ -151,7 +150,7 @@ def train(cfg: DictConfig) -> dict:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train_tokenizer")
+@hydra_entry("train_tokenizer", __file__)
 def main(cfg: DictConfig) -> None:
     train(cfg)
 

@@ -1,10 +1,16 @@
 """Shared fixtures. Keep this file small; builders live in tests/world_fixtures.py."""
 
+import os
 from pathlib import Path
 
 import pytest
+from project import PROJECT_ROOT
 
 from cm3leon.data.world import WorldConfig, generate_world
+
+# the configs read the checkout's root from this variable (conf/paths/default.yaml); the entry
+# scripts set it the same way (cm3leon.cli)
+os.environ.setdefault("PROJECT_ROOT", str(PROJECT_ROOT))
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from cm3leon import PROJECT_ROOT
+from project import PROJECT_ROOT
 
 torch.set_num_threads(2)
 CONF = PROJECT_ROOT / "conf"

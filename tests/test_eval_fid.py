@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cm3leon import PROJECT_ROOT
+from project import PROJECT_ROOT
 from cm3leon.eval import fid as fid_mod
 from cm3leon.eval.fid import ImageSet, MissingWeightsError, ResizeProtocol, compute_fid, resolve_inception_weights
 

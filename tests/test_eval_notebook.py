@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from cm3leon import PROJECT_ROOT
+from project import PROJECT_ROOT
 from test_eval_embedded import tiny_eval_run  # noqa: F401  (fixture)
 
 NOTEBOOK = PROJECT_ROOT / "notebooks" / "evaluate.ipynb"

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cm3leon import PROJECT_ROOT
+from project import PROJECT_ROOT
 from cm3leon.tokenizers import ImageTokenizer
 from cm3leon.tokenizers.image_processing import postprocess, preprocess, resize_center_crop, to_rgb
 

@@ -9,7 +9,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from cm3leon import PROJECT_ROOT
+from project import PROJECT_ROOT
 from cm3leon.data.raw_shards import iter_raw_samples, list_shards, make_shards, write_shard
 
 

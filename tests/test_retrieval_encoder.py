@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cm3leon import PROJECT_ROOT
+from project import PROJECT_ROOT
 from cm3leon.data import world
 from cm3leon.retrieval.clip_encoder import DocumentEncoder, document_vectors, drop_tokens, recall_at_k
 from cm3leon.retrieval.tiny_clip import CONTEXT_LENGTH, TINY_CLIP, WORDS, register_tiny_clip

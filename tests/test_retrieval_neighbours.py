@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from cm3leon import PROJECT_ROOT
+from project import PROJECT_ROOT
 from cm3leon.data import world
 from cm3leon.data.datamodule import CM3DataModule
 from cm3leon.data.preprocess import PreprocessConfig, preprocess_split

@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from cm3leon import PROJECT_ROOT
+from project import PROJECT_ROOT
 
 CONF = PROJECT_ROOT / "conf"
 TRAIN = PROJECT_ROOT / "src" / "train.py"

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from cm3leon import PROJECT_ROOT
+from project import PROJECT_ROOT
 from cm3leon.data.image_datamodule import ImageShardDataset
 from cm3leon.data.raw_shards import write_shard
 from cm3leon.data.world import sample_for

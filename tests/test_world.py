@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from cm3leon import PROJECT_ROOT
+from project import PROJECT_ROOT
 from cm3leon.data.raw_shards import iter_raw_samples, list_shards
 from cm3leon.data.world import (
     BACKGROUNDS,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cm3leon import PROJECT_ROOT
+from project import PROJECT_ROOT
 from cm3leon.data.preprocess import PreprocessConfig, preprocess_split
 from cm3leon.data.world import ensure_world
 

@@ -1,10 +1,8 @@
-"""CM3Leon: retrieval-augmented, token-based, decoder-only multimodal model (arXiv 2309.02591)."""
+"""CM3Leon: retrieval-augmented, token-based, decoder-only multimodal model (arXiv 2309.02591).
 
-import os
-from pathlib import Path
-
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-# Hydra configs read the repository root from this variable (conf/paths/default.yaml).
-os.environ.setdefault("PROJECT_ROOT", str(PROJECT_ROOT))
+Importing the package has no side effects: it sets no environment variable and reads no file.
+The checkout's root is known only to the entry scripts in `src/` (through `cm3leon.cli`) and to
+Hydra's `paths` config.
+"""
 
 __version__ = "0.1.0"

@@ -1,0 +1,92 @@
+"""The command-line contract of every entry script in `src/`: one Hydra entry point, one error policy.
+
+    # src/generate.py
+    from cm3leon.cli import hydra_entry
+
+    @hydra_entry("generate", __file__)
+    def main(cfg):          # the task: compose happened, cfg is the resolved config
+        ...
+
+    if __name__ == "__main__":
+        main()
+
+Error policy:
+- a `UsageError` (or `FileNotFoundError`) raised by the task is printed as one line,
+  `error: <message>`, and the script exits with code 2 (no traceback);
+- a bad command line that Hydra cannot compose (unknown key, wrong group option, bad override
+  syntax) also exits with code 2, after Hydra's own message;
+- anything else is a real crash: Hydra prints its traceback (HYDRA_FULL_ERROR=1 for the whole one)
+  and the exit code is 1.
+
+The checkout's root is derived from the entry script's path (`src/<script>.py` -> its parent's
+parent) and handed to the configs as the PROJECT_ROOT environment variable (conf/paths); the
+library itself never reads it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from cm3leon.errors import UsageError
+
+USAGE_EXIT_CODE = 2
+_USAGE_ERRORS = (UsageError, FileNotFoundError)
+
+__all__ = ["USAGE_EXIT_CODE", "UsageError", "hydra_entry", "project_root"]
+
+
+def project_root(script: str | Path) -> Path:
+    """The checkout holding the entry script `script` (`<root>/src/<script>.py`)."""
+    return Path(script).resolve().parents[1]
+
+
+def report_usage_error(error: BaseException) -> None:
+    """Print a usage error as one line and exit with `USAGE_EXIT_CODE`."""
+    message = str(error) if not isinstance(error, FileNotFoundError) or not error.filename else (
+        f"{error.filename}: {error.strerror or 'not found'}"
+    )
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)
+    sys.exit(USAGE_EXIT_CODE)
+
+
+def hydra_entry(config_name: str, script: str | Path) -> Callable[[Callable[[Any], Any]], Callable[[], Any]]:
+    """Decorate `task(cfg)` as the script's `main()`: Hydra composes `<root>/conf/<config_name>.yaml`
+    with the command line, then runs the task under the error policy above. `main()` returns the
+    task's return value (what Hydra's sweepers optimise)."""
+    root = project_root(script)
+
+    def decorate(task: Callable[[Any], Any]) -> Callable[[], Any]:
+        import hydra
+
+        started = False
+
+        @hydra.main(version_base="1.3", config_path=str(root / "conf"), config_name=config_name)
+        @functools.wraps(task)
+        def hydra_main(cfg):
+            nonlocal started
+            started = True
+            try:
+                return task(cfg)
+            except _USAGE_ERRORS as e:
+                report_usage_error(e)
+
+        @functools.wraps(task)
+        def main() -> Any:
+            os.environ.setdefault("PROJECT_ROOT", str(root))
+            try:
+                return hydra_main()
+            except SystemExit as e:
+                # Hydra exits 1 when it cannot compose the command line: a usage error too
+                if e.code == 1 and not started:
+                    sys.exit(USAGE_EXIT_CODE)
+                raise
+
+        main.task = task  # the undecorated task, for tests and notebooks
+        return main
+
+    return decorate
