@@ -2,18 +2,27 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: install test test-slow demo data bench eval-fid world-cfg world-cfg-paired tokenizers clean-data help
+.PHONY: install lint format test test-slow demo data bench eval-fid notebook world-cfg world-cfg-paired tokenizers clean-data help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
 
 install: $(STAMP)  ## create .venv from requirements.txt (pinned)
 
-$(STAMP): requirements.txt requirements.lock
+$(STAMP): requirements.txt requirements.lock pyproject.toml
 	test -d .venv || python3 -m venv .venv
 	.venv/bin/pip install -q --upgrade pip
 	.venv/bin/pip install -q -r requirements.txt -c requirements.lock
+	.venv/bin/pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
+
+lint: install  ## ruff: lint and format check (config in pyproject.toml)
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+
+format: install  ## ruff: fix what can be fixed and format the tree
+	.venv/bin/ruff check --fix .
+	.venv/bin/ruff format .
 
 test: install  ## the default test suite (CPU, ~10 min on 2 cores)
 	$(PY) -m pytest -q
@@ -31,6 +40,9 @@ data: install  ## generate the embedded world and its token shards
 bench: install  ## hot-path benchmarks against their peers, printed as JSON
 	$(PY) src/bench.py
 
+notebook: install  ## execute notebooks/evaluate.ipynb headless (needs a training run: make demo); output in logs/notebooks/
+	$(PY) notebooks/execute.py notebooks/evaluate.ipynb
+
 eval-fid: install  ## zero-shot FID (see README "Evaluation"); pass ARGS="ckpt=... eval=coco30k"
 	$(PY) src/eval_fid.py $(ARGS)
 
@@ -45,18 +57,18 @@ world-cfg: install  ## the README's CFG table: train experiment=world_long to 12
 	test -f $(WORLD_CKPT_6K) || $(PY) src/train.py experiment=world_long hydra.run.dir=$(WORLD_RUN)
 	test -f $(WORLD_CKPT) || $(PY) src/train.py experiment=world_long trainer.max_steps=$(WORLD_STEPS) \
 		ckpt_path=$(WORLD_CKPT_6K) hydra.run.dir=$(WORLD_RUN)
-	$(WORLD_EVAL) decoding=topp_cfg decoding.cfg_weight=1,3 decoding.truncate_on=guided 'out_dir=$(WORLD_RUN)/eval/topp_cfg$${decoding.cfg_weight}'
-	$(WORLD_EVAL) decoding=topp_cfg decoding.cfg_weight=3 'out_dir=$(WORLD_RUN)/eval/topp_cfg$${decoding.cfg_weight}_conditional'
-	$(WORLD_EVAL) decoding=topp_cfg decoding.top_p=0.5 decoding.cfg_weight=1,3 'out_dir=$(WORLD_RUN)/eval/topp0.5_cfg$${decoding.cfg_weight}_conditional'
-	$(WORLD_EVAL) decoding=topp_cfg decoding.top_p=0.3 decoding.cfg_weight=1,3 'out_dir=$(WORLD_RUN)/eval/topp0.3_cfg$${decoding.cfg_weight}_conditional'
-	$(WORLD_EVAL) decoding=cdk decoding.cfg_weight=1,3 'out_dir=$(WORLD_RUN)/eval/cdk_cfg$${decoding.cfg_weight}'
+	$(WORLD_EVAL) decoding=topp_cfg decoding.guidance_scale=1,3 decoding.truncate_on=guided 'out_dir=$(WORLD_RUN)/eval/topp_cfg$${decoding.guidance_scale}'
+	$(WORLD_EVAL) decoding=topp_cfg decoding.guidance_scale=3 'out_dir=$(WORLD_RUN)/eval/topp_cfg$${decoding.guidance_scale}_conditional'
+	$(WORLD_EVAL) decoding=topp_cfg decoding.top_p=0.5 decoding.guidance_scale=1,3 'out_dir=$(WORLD_RUN)/eval/topp0.5_cfg$${decoding.guidance_scale}_conditional'
+	$(WORLD_EVAL) decoding=topp_cfg decoding.top_p=0.3 decoding.guidance_scale=1,3 'out_dir=$(WORLD_RUN)/eval/topp0.3_cfg$${decoding.guidance_scale}_conditional'
+	$(WORLD_EVAL) decoding=cdk decoding.guidance_scale=1,3 'out_dir=$(WORLD_RUN)/eval/cdk_cfg$${decoding.guidance_scale}'
 	$(PY) src/eval_table.py $(WORLD_RUN)/eval
 
 WORLD_PAIRED = $(WORLD_RUN)/eval1000
 world-cfg-paired: install  ## after world-cfg: CFG 3 vs none, caption by caption, 1,000 val captions x 2 seeds (~20 min)
 	$(PY) src/eval_fid.py -m ckpt=$(WORLD_CKPT) eval=embedded eval.n_captions=1000 eval.samples_per_caption=1 \
-		eval.rerank.enabled=false seed=0,1 decoding=topp_cfg decoding.top_p=0.3 decoding.cfg_weight=1,3 \
-		'out_dir=$(WORLD_PAIRED)/topp0.3_seed$${seed}_cfg$${decoding.cfg_weight}_conditional'
+		eval.rerank.enabled=false seed=0,1 decoding=topp_cfg decoding.top_p=0.3 decoding.guidance_scale=1,3 \
+		'out_dir=$(WORLD_PAIRED)/topp0.3_seed$${seed}_cfg$${decoding.guidance_scale}_conditional'
 	$(PY) src/eval_paired.py $(foreach s,0 1,$(WORLD_PAIRED)/topp0.3_seed$(s)_cfg1_conditional $(WORLD_PAIRED)/topp0.3_seed$(s)_cfg3_conditional)
 
 VQ_RUN := logs/train_tokenizer/world_vqgan

@@ -16,9 +16,9 @@ import importlib
 import importlib.util
 import json
 import time
+from pathlib import Path
 
 import torch
-
 
 # section -> (module, function, takes a device argument)
 SECTIONS = {
@@ -34,6 +34,17 @@ def available_sections() -> list[str]:
     return [s for s, (mod, _, _) in SECTIONS.items() if importlib.util.find_spec(mod) is not None]
 
 
+def _world_vocab_size() -> int:
+    """The embedded world's vocabulary with the shipped tokenizers (the tiny model's real setting)."""
+    from omegaconf import OmegaConf
+
+    from cm3leon.bench.generate import world_vocab_size
+
+    root = Path(__file__).resolve().parents[1]
+    n_sentinels = int(OmegaConf.load(root / "conf" / "data" / "world.yaml").vocab.n_sentinels)
+    return world_vocab_size(root / "data/shipped/world_bpe.json", root / "data/shipped/world_vqgan.ckpt", n_sentinels)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sections", nargs="*", help=f"any of {list(SECTIONS)} (default: all available)")
@@ -46,7 +57,8 @@ def main() -> None:
         mod, fn, takes_device = SECTIONS[name]
         func = getattr(importlib.import_module(mod), fn)
         t0 = time.perf_counter()
-        result = func(args.device) if takes_device else func()
+        kwargs = {"vocab_size": _world_vocab_size()} if name == "generate" else {}
+        result = func(args.device, **kwargs) if takes_device else func(**kwargs)
         print(json.dumps({"bench": name, "device": args.device, **result, "wall_s": round(time.perf_counter() - t0, 1)}),
               flush=True)
 

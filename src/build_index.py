@@ -1,7 +1,7 @@
 """Build the retrieval files beside the token shards (Hydra: conf/build_index.yaml).
 
     python src/build_index.py                       # the embedded world: data/world/tokens/retrieval
-    python src/build_index.py tokens_dir=/data/tokens world=false \
+    python src/build_index.py tokens_dir=/data/tokens embedded_world=false \
         retrieval.encoder.model_name=ViT-B-32 retrieval.encoder.pretrained=laion2b_s34b_b79k \
         retrieval.index.kind=ivfpq retrieval.encoder.device=cuda
 
@@ -36,10 +36,10 @@ def main(cfg: DictConfig) -> None:
     torch.set_num_threads(cfg.threads)
     faiss.omp_set_num_threads(cfg.threads)
     logging.getLogger().setLevel(logging.WARNING)  # open_clip logs every factory step at INFO
-    if cfg.world:
+    if cfg.embedded_world:
         from cm3leon.data.embedded import ensure_embedded_tokens
 
-        ensure_embedded_tokens(cfg.paths.world_dir, cfg.paths.shipped_dir)
+        ensure_embedded_tokens(cfg.world, cfg.tokens_dir, cfg.shipped_dir)
     manifest = build_retrieval(cfg.retrieval, cfg.tokens_dir)  # a missing file: one line (cm3leon.cli)
     summary = {
         "out": str(cfg.retrieval.dir or f"{cfg.tokens_dir}/retrieval"),

@@ -104,17 +104,21 @@ def prompts_and_reference(cfg: DictConfig):
     return prompts, refs, desc
 
 
-def generation_settings(cfg: DictConfig, prompts) -> dict:
+def generation_settings(cfg: DictConfig, prompts, ckpt: Path) -> dict:
     """Everything that determines the generated images (hashed into the output folder's name)."""
-    from cm3leon.decoding import DecodingConfig
+    from cm3leon.generation.pipeline import checkpoint_meta, retrieval_settings
+    from cm3leon.generation.sampling import DecodingConfig
 
-    retrieval = _container(cfg.retrieval)
+    try:
+        decoding = DecodingConfig.from_dict(_container(cfg.decoding)).to_dict()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     return {
-        "decoding": DecodingConfig.from_dict(_container(cfg.decoding)).to_dict(),
+        "decoding": decoding,
         "samples_per_caption": int(cfg.eval.samples_per_caption),
         "rerank": _container(cfg.eval.rerank) if int(cfg.eval.samples_per_caption) > 1 else {"enabled": False},
-        "retrieval": {"retriever": retrieval.get("retriever"), "k": int(retrieval.get("k") or 0)
-                      if retrieval.get("retriever") else 0},
+        # resolved against the checkpoint: {k, dir} (k 0: none)
+        "retrieval": retrieval_settings(_container(cfg.retrieval), checkpoint_meta(ckpt)),
         "seed": int(cfg.seed),
         "image_tokenizer": cfg.image_tokenizer,
         "text_tokenizer": cfg.text_tokenizer,
@@ -196,7 +200,7 @@ def run(cfg: DictConfig) -> dict:
 
     import torch
 
-    from cm3leon.eval.fid import file_sha256
+    from cm3leon.utils import file_sha256
     from cm3leon.eval.generation import generate_missing, write_prompts
 
     torch.set_num_threads(min(torch.get_num_threads(), int(cfg.cpu_threads)))
@@ -206,7 +210,7 @@ def run(cfg: DictConfig) -> dict:
         raise UsageError(str(e)) from None
     ckpt = Path(str(cfg.ckpt)).expanduser().resolve()
     ckpt_sha = file_sha256(ckpt)
-    settings = generation_settings(cfg, prompts)
+    settings = generation_settings(cfg, prompts, ckpt)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else (
         Path(cfg.paths.log_dir) / "eval_fid" / cfg.eval.name / f"{ckpt_sha[:12]}-{_settings_hash(settings)[:10]}")
     images_dir = out_dir / "images"
@@ -215,7 +219,7 @@ def run(cfg: DictConfig) -> dict:
 
     module_kwargs = {
         "ckpt_path": ckpt, "decoding": settings["decoding"], "samples_per_caption": settings["samples_per_caption"],
-        "rerank": _container(cfg.eval.rerank), "retrieval": _container(cfg.retrieval), "seed": int(cfg.seed),
+        "rerank": _container(cfg.eval.rerank), "retrieval": settings["retrieval"], "seed": int(cfg.seed),
         "max_rows": int(cfg.max_rows), "precision": cfg.precision, "cuda_graph": bool(cfg.cuda_graph),
         "image_tokenizer": cfg.image_tokenizer, "text_tokenizer": cfg.text_tokenizer,
     }
@@ -230,7 +234,10 @@ def run(cfg: DictConfig) -> dict:
     metrics = compute_metrics(cfg, prompts, images_dir, reference, resolved)
     resize = metrics.pop("resize")
     ref_hash, gen_hash = metrics.pop("reference_hash"), metrics.pop("generated_hash")
-    retrieval = settings["retrieval"] if settings["retrieval"]["retriever"] else {"retriever": "none", "k": 0}
+    retrieval = settings["retrieval"]
+    if retrieval["k"]:  # which memory bank and encoder the documents came from
+        manifest = json.loads((Path(retrieval["dir"]) / "manifest.json").read_text())
+        retrieval = {**retrieval, "encoder": manifest["encoder"]["model_name"], "bank_size": manifest["index"]["n"]}
     result = {
         "eval": cfg.eval.name,
         **metrics,

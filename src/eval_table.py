@@ -1,6 +1,6 @@
 """One Markdown table from several `fid.json` files (e.g. a CFG-weight sweep of `src/eval_fid.py`).
 
-    python src/eval_fid.py -m ckpt=RUN/checkpoints/last.ckpt eval=embedded decoding.cfg_weight=1,3
+    python src/eval_fid.py -m ckpt=RUN/checkpoints/last.ckpt eval=embedded decoding.guidance_scale=1,3
     python src/eval_table.py logs/eval_fid/embedded            # every fid.json below the folder
     python src/eval_table.py A/fid.json B/fid.json
 
@@ -46,12 +46,17 @@ def decoding_label(dec: dict) -> str:
         parts.append(f"top-k {dec['top_k']}")
     if dec.get("temperature", 1.0) != 1.0:
         parts.append(f"temperature {dec['temperature']}")
-    weight = dec.get("cfg_weight", 1.0)
+    weight = _guidance(dec)
     # CD-K with weight 1 still contrasts with the unconditional stream: only plain sampling is "none"
     parts.append(f"CFG {weight:g}" + (" (none)" if weight == 1 and dec.get("strategy") != "cdk" else ""))
     if weight != 1 and dec.get("truncate_on") == "conditional" and dec.get("strategy") != "cdk":
         parts.append("candidates from the conditional stream")
     return ", ".join(parts)
+
+
+def _guidance(dec: dict) -> float:
+    """The guidance scale of a decoding record (fid.json files before the rename call it cfg_weight)."""
+    return float(dec.get("guidance_scale", dec.get("cfg_weight", 1.0)))
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:
@@ -63,7 +68,7 @@ def table(results: list[dict]) -> str:
     def key(r: dict):
         dec = r.get("decoding", {})
         return (dec.get("strategy") != "topp", dec.get("strategy", ""), -float(dec.get("top_p") or 1.0),
-                float(dec.get("cfg_weight", 1.0)), dec.get("truncate_on") == "conditional", str(dec))
+                _guidance(dec), dec.get("truncate_on") == "conditional", str(dec))
 
     results = sorted(results, key=key)
     groups = {(r.get("checkpoint_sha256", "")[:12], r.get("captions_sha256", "")[:12], r.get("samples_per_caption"))

@@ -5,13 +5,14 @@
     python src/make_shards.py input=pairs.csv out_dir=DIR image_column=file caption_column=text
 
 img2dataset output (tar shards of jpg + txt + json) is already in this layout: skip this step and
-point the later stages at those shards. See `cm3leon.data.raw_shards` for the layout.
+point the later stages at those shards. See `cm3leon.data.raw_shards` for the layout and
+`cm3leon.data.make_shards` for what is skipped (the raw-sample decoder's reasons).
 """
 
 from omegaconf import DictConfig
 
 from cm3leon.cli import hydra_entry
-from cm3leon.data.raw_shards import make_shards
+from cm3leon.data.make_shards import make_shards
 
 
 def run(cfg: DictConfig) -> dict:

@@ -4,7 +4,7 @@
     python src/make_world.py n_train=2000 out_dir=/tmp/world/raw
 
 Idempotent: a complete world matching the config is left alone; partial output is regenerated.
-Other scripts call `ensure_world(cfg)` (re-exported here) to generate it on first use.
+Training and build_index generate it on first use themselves (`cm3leon.data.world.ensure_world`).
 """
 
 import json
@@ -13,9 +13,7 @@ import time
 from omegaconf import DictConfig
 
 from cm3leon.cli import hydra_entry
-from cm3leon.data.world import ensure_world, generate_world, world_config, world_is_complete
-
-__all__ = ["ensure_world", "main", "run"]
+from cm3leon.data.world import generate_world, world_config, world_is_complete
 
 
 def run(cfg: DictConfig) -> None:

@@ -12,28 +12,24 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections import Counter
 
-import webdataset as wds
 from omegaconf import DictConfig
 
 from cm3leon.cli import hydra_entry
+from cm3leon.data.checked_reader import iter_raw_captions
 from cm3leon.data.raw_shards import list_shards
 from cm3leon.tokenizers.text_tokenizer import train_bpe
-
-
-def iter_captions(shards: list[str], max_docs: int | None):
-    """Yield the `.txt` member of every sample; unreadable members are skipped."""
-    ds = wds.WebDataset(shards, shardshuffle=False, handler=wds.warn_and_continue, empty_check=False)
-    captions = (s["txt"].decode("utf-8", "replace").strip() for s in ds if "txt" in s)
-    return itertools.islice((c for c in captions if c), max_docs)
 
 
 @hydra_entry("train_bpe", __file__)
 def main(cfg: DictConfig) -> None:
     shards = list_shards(cfg.input)
-    tok = train_bpe(iter_captions(shards, cfg.max_docs), cfg.vocab_size, cfg.min_frequency)
+    skipped: Counter[str] = Counter()
+    captions = itertools.islice(iter_raw_captions(shards, skipped), cfg.max_docs)
+    tok = train_bpe(captions, cfg.vocab_size, cfg.min_frequency)
     tok.save(cfg.out)
-    print(json.dumps({"out": str(cfg.out), "vocab_size": tok.vocab_size, "shards": len(shards)}))
+    print(json.dumps({"out": str(cfg.out), "vocab_size": tok.vocab_size, "shards": len(shards), "skipped": dict(skipped)}))
 
 
 if __name__ == "__main__":

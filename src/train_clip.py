@@ -35,7 +35,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from cm3leon.cli import hydra_entry
-from cm3leon.data.raw_shards import iter_raw_samples
+from cm3leon.data.checked_reader import iter_raw_samples
 from cm3leon.retrieval.clip_encoder import recall_at_k
 from cm3leon.retrieval.tiny_clip import TINY_CLIP, register_tiny_clip
 from cm3leon.tokenizers.image_processing import resize_center_crop
@@ -45,8 +45,8 @@ def load_pairs(shards: str, size: int) -> tuple[torch.Tensor, list[str]]:
     """Raw shards -> (uint8 [N, 3, size, size] images, N captions)."""
     images, captions = [], []
     for s in iter_raw_samples(shards):
-        images.append(np.asarray(resize_center_crop(s["image"], size), dtype=np.uint8))
-        captions.append(s["caption"])
+        images.append(np.asarray(resize_center_crop(s.image, size), dtype=np.uint8))
+        captions.append(s.caption)
     if not images:
         raise FileNotFoundError(f"no samples in {shards}")
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), captions

@@ -4,13 +4,32 @@ import os
 from pathlib import Path
 
 import pytest
-from project import PROJECT_ROOT
 
+from cm3leon.config import register_configs
 from cm3leon.data.world import WorldConfig, generate_world
+from project import CONF_DIR, PROJECT_ROOT
 
 # the configs read the checkout's root from this variable (conf/paths/default.yaml); the entry
 # scripts set it the same way (cm3leon.cli)
 os.environ.setdefault("PROJECT_ROOT", str(PROJECT_ROOT))
+# the typed schemas the configs build on (conf/model/*.yaml list `model_schema`), as cm3leon.cli does
+register_configs()
+
+
+@pytest.fixture
+def compose_config():
+    """`compose_config(name, overrides)`: a script's config (conf/<name>.yaml) as Hydra composes it
+    for that command line, without running the script. `paths.output_dir` (Hydra's run folder,
+    unknown outside a run) is set to an unused path."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    def _compose(name: str, overrides: list[str] = ()):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose(name, overrides=["paths.output_dir=/tmp/unused", *overrides])
+
+    return _compose
 
 
 @pytest.fixture(scope="session")
@@ -31,3 +50,13 @@ def tiny_tokens(tmp_path_factory) -> Path:
     from world_fixtures import make_tiny_tokens
 
     return make_tiny_tokens(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_eval_run(tmp_path_factory) -> dict:
+    """{'ckpt', 'clip', 'vqgan', 'root'}: a random checkpoint and a random tiny CLIP on disk."""
+    root = tmp_path_factory.mktemp("eval_run")
+    from eval_builders import make_tiny_clip, make_tiny_lm, make_tiny_vqgan
+
+    vq = make_tiny_vqgan(root / "vqgan.pt")
+    return {"root": root, "vqgan": vq, "ckpt": make_tiny_lm(root / "lm.ckpt", vq), "clip": make_tiny_clip(root / "clip.pt")}

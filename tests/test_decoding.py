@@ -6,14 +6,16 @@ import pytest
 import torch
 
 from cm3leon.data.sequences import Document
-from cm3leon.decoding import (
-    DecodeSession, DecodingConfig, Picker, caption_images, cdk_candidates, cdk_scores, cfg_logits, edit_images,
-    edit_prompts, filter_top_k, filter_top_p, forward_rows, generate, generate_images, id_mask, image_region_spans,
-    infill_images, infill_prompt, instruct_cfg_logits, mixed_rows, sample_fixed, sample_until, text_to_image_prompt,
-    unconditional_prompt,
+from cm3leon.data.sequences import edit_prompts, infill_prompt, text_to_image_prompt, unconditional_prompt
+from cm3leon.generation.rerank import best_per_prompt
+from cm3leon.generation.sampling import (
+    DecodingConfig, Picker, cdk_candidates, cdk_scores, filter_top_k, filter_top_p, guided_logits, id_mask,
+    instruct_cfg_logits,
+    mixed_rows,
 )
+from cm3leon.generation.session import DecodeSession, sample_fixed, sample_until
+from cm3leon.generation.tasks import caption_images, edit_images, generate, generate_images, image_region_spans, infill_images
 from cm3leon.model import CM3LeonLM, ModelConfig
-from cm3leon.rerank import best_per_prompt
 from cm3leon.vocab import EOS_ID, UNK_ID, Vocab
 
 VOCAB = Vocab(text_size=40, n_image_codes=32, n_sentinels=4)  # 72 base ids + specials -> 80 rows
@@ -79,13 +81,12 @@ def test_padded_session_matches_full_forward(attn_impl, static):
                 seqs[r].append(int(tok[r]))
             if step < 5:
                 s.feed(tok)
-        # all positions of a padded prefill agree too (forward_rows with last_only=False)
-        s2 = DecodeSession(model, prompts[:2], 1, 0)
+        # all positions of a padded prefill agree too: the model's own forward with a cache that
+        # knows each row's padding
         P = len(prompts[0])
+        cache = model.new_cache(2, P, start=torch.tensor([0, P - 2]))
         idx = torch.tensor([prompts[0], [1] * (P - 2) + prompts[1]])
-        pos = torch.tensor([list(range(P)), [0] * (P - 2) + [0, 1]])
-        s2.cache.reset()
-        out = forward_rows(model, idx, pos, torch.arange(P), s2.cache)
+        out = model(idx, torch.arange(P), cache)
         torch.testing.assert_close(out[0], model(torch.tensor([prompts[0]]))[0], atol=1e-4, rtol=0)
         torch.testing.assert_close(out[1, -2:], model(torch.tensor([prompts[1]]))[0], atol=1e-4, rtol=0)
     s.feed(tok)  # the 6th new token: the cache is sized for exactly max_new_tokens
@@ -113,13 +114,13 @@ def test_batched_cfg_streams_equal_separate_forwards():
                 a.feed(t)
     # and the guided logits are the formula applied to separate forwards
     w = 3.0
-    guided = Picker(DecodingConfig(cfg_weight=w)).expert(both.logits)
+    guided = Picker(DecodingConfig(guidance_scale=w)).expert(both.logits)
     ref = torch.stack([last_logits(model, cond[b] + [int(t[b]) for t in toks]) for b in range(2)])
     ref_u = torch.stack([last_logits(model, uncond[b] + [int(t[b]) for t in toks]) for b in range(2)])
     torch.testing.assert_close(guided, ref_u + w * (ref - ref_u), atol=1e-4, rtol=0)
 
 
-def test_cfg_weight_one_reproduces_plain_conditional_sampling():
+def test_guidance_scale_one_reproduces_plain_conditional_sampling():
     model = tiny_model()
     rng = np.random.default_rng(2)
     caps = [rand_text(5, rng) for _ in range(3)]
@@ -132,7 +133,7 @@ def test_cfg_weight_one_reproduces_plain_conditional_sampling():
         with torch.no_grad():
             s = DecodeSession(model, prompts, 2 if with_uncond else 1, TPI)
             gen = torch.Generator().manual_seed(7)
-            return sample_fixed(s, Picker(DecodingConfig(cfg_weight=w, top_p=0.9), gen), TPI, allowed)
+            return sample_fixed(s, Picker(DecodingConfig(guidance_scale=w, top_p=0.9), gen), TPI, allowed)
 
     plain = run(False, 1.0)
     assert torch.equal(run(True, 1.0), plain)  # two batched streams, weight 1 == the cond stream alone
@@ -155,15 +156,15 @@ def test_truncation_on_the_conditional_stream_samples_guided_probabilities_over_
     expect = torch.zeros(12).masked_scatter(keep, guided[0][keep].softmax(-1))
     n = 20000
     streams = torch.stack([cond, uncond]).expand(2, n, 12)
-    picked = Picker(DecodingConfig(cfg_weight=w, top_p=p, truncate_on="conditional"),
+    picked = Picker(DecodingConfig(guidance_scale=w, top_p=p, truncate_on="conditional"),
                     torch.Generator().manual_seed(0))(streams)
     freq = torch.bincount(picked, minlength=12).double() / n
     assert freq[~keep].sum() == 0
     torch.testing.assert_close(freq, expect.double(), atol=0.015, rtol=0)
-    default = Picker(DecodingConfig(cfg_weight=w, top_p=p), torch.Generator().manual_seed(0))(streams)
+    default = Picker(DecodingConfig(guidance_scale=w, top_p=p), torch.Generator().manual_seed(0))(streams)
     assert (default == 0).double().mean() > 0.5  # the default (guided) order: token 0 dominates
     # weight 1: both orders are the same sampler
-    one = [Picker(DecodingConfig(cfg_weight=1.0, top_p=p, truncate_on=t), torch.Generator().manual_seed(1))(streams)
+    one = [Picker(DecodingConfig(guidance_scale=1.0, top_p=p, truncate_on=t), torch.Generator().manual_seed(1))(streams)
            for t in ("guided", "conditional")]
     assert torch.equal(one[0], one[1])
     with pytest.raises(ValueError, match="truncate_on"):
@@ -231,9 +232,9 @@ def test_cdk_with_guidance_and_restriction():
     cond, uncond = torch.randn(4, 80), torch.randn(4, 80)
     allowed = id_mask(80, [VOCAB.image_id_range])
     lo, hi = VOCAB.image_id_range
-    guided = cfg_logits(cond, uncond, 3.0)
+    guided = guided_logits(cond, uncond, 3.0)
     _, scores = direct_cdk(guided[:, lo:hi].numpy(), uncond[:, lo:hi].numpy(), 0.5, 5, 0.5)
-    picker = Picker(DecodingConfig(strategy="cdk", temperature=0.0, cfg_weight=3.0))
+    picker = Picker(DecodingConfig(strategy="cdk", temperature=0.0, guidance_scale=3.0))
     assert np.array_equal(picker(torch.stack([cond, uncond]), allowed).numpy(), scores.argmax(1) + lo)
 
 
@@ -242,10 +243,10 @@ def test_mixed_strategy_splits_samples_half_and_half():
     cond, uncond = torch.randn(8, 40) * 3, torch.randn(8, 40) * 3
     rows = mixed_rows(0, 8)
     assert rows.tolist() == [False, True] * 4 and mixed_rows(1, 2).tolist() == [True, False]
-    cfg = DecodingConfig(strategy="mixed", temperature=0.0, cfg_weight=2.0)
+    cfg = DecodingConfig(strategy="mixed", temperature=0.0, guidance_scale=2.0)
     got = Picker(cfg, cdk_rows=rows)(torch.stack([cond, uncond]))
-    topp = cfg_logits(cond, uncond, 2.0).argmax(-1)
-    cdk = cdk_scores(cfg_logits(cond, uncond, 2.0), uncond).argmax(-1)
+    topp = guided_logits(cond, uncond, 2.0).argmax(-1)
+    cdk = cdk_scores(guided_logits(cond, uncond, 2.0), uncond).argmax(-1)
     assert torch.equal(got, torch.where(rows, cdk, topp))
     assert not torch.equal(topp, cdk)  # the two halves really differ here
 
@@ -283,7 +284,7 @@ def test_generated_images_have_exactly_tokens_per_image_valid_codes(strategy):
     rng = np.random.default_rng(5)
     caps = [rand_text(n, rng) for n in (2, 9, 5)]
     docs = [[Document(np.array(rand_text(3, rng)), rng.integers(0, 32, TPI))] for _ in caps]
-    dec = DecodingConfig(strategy=strategy, cfg_weight=3.0, top_p=0.9)
+    dec = DecodingConfig(strategy=strategy, guidance_scale=3.0, top_p=0.9)
     codes = generate_images(model, VOCAB, caps, TPI, decoding=dec, seed=1, retrieved=docs[:2] + [[]], batch_size=2)
     assert codes.shape == (3, TPI) and codes.dtype == torch.long
     assert int(codes.min()) >= 0 and int(codes.max()) < VOCAB.n_image_codes
@@ -293,7 +294,7 @@ def test_batching_does_not_change_samples_and_break_follows_when_continuing():
     model = tiny_model()
     rng = np.random.default_rng(9)
     caps = [rand_text(n, rng) for n in (2, 9, 5)]
-    greedy = DecodingConfig(strategy="mixed", cfg_weight=3.0, temperature=0.0)
+    greedy = DecodingConfig(strategy="mixed", guidance_scale=3.0, temperature=0.0)
     a = generate_images(model, VOCAB, caps, TPI, decoding=greedy, batch_size=2)
     b = generate_images(model, VOCAB, caps, TPI, decoding=greedy)
     assert torch.equal(a, b)
@@ -405,9 +406,11 @@ def test_decoding_config_validation_and_yaml():
     for name in ("topp_cfg", "cdk", "mixed"):
         node = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "decoding" / f"{name}.yaml")
         cfg = DecodingConfig.from_dict(OmegaConf.to_container(node))
-        assert cfg.needs_uncond and cfg.cfg_weight == 3.0
+        assert cfg.needs_uncond and cfg.guidance_scale == 3.0
     with pytest.raises(ValueError, match="unknown keys"):
         DecodingConfig.from_dict({"cfg_scale": 3})
+    with pytest.warns(FutureWarning, match="use decoding.guidance_scale"):  # the old name still works
+        assert DecodingConfig.from_dict({"cfg_weight": 2.0, "guidance_scale": 3.0}).guidance_scale == 2.0
     with pytest.raises(ValueError, match="strategy"):
         DecodingConfig(strategy="beam")
     with pytest.raises(ValueError, match="amateur"):

@@ -1,6 +1,6 @@
-"""FIDCallback inside a real Trainer.fit: every N steps it generates images for held-out world
+"""SampleCallback inside a real Trainer.fit: every N steps it generates images for held-out world
 captions and logs fd_tiny_clip, kd_tiny_clip, clip_score, caption_acc and a grid (to every logger
-with log_image, as W&B's). Random checkpoint / tokenizer / CLIP from test_eval_embedded."""
+with log_image, as W&B's). Random checkpoint / tokenizer / CLIP: the tiny_eval_run fixture (conftest.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from test_eval_embedded import tiny_eval_run  # noqa: F401  (fixture)
 
 torch.set_num_threads(2)
 
@@ -26,7 +25,7 @@ class WorldDataModule:
                 from cm3leon.eval.generation import world_prompts
                 from cm3leon.tokenizers.text_tokenizer import TextTokenizer
                 from cm3leon.data.token_shards import TokenSample
-                from test_eval_embedded import BPE
+                from eval_builders import BPE
 
                 text = TextTokenizer.from_file(BPE)
                 self.meta = {"image_tokenizer": {"path": str(vqgan)}, "tokens_per_image": 64}
@@ -77,13 +76,14 @@ class ImageLogger:
 def test_fid_callback_logs_metrics_and_a_grid_every_n_steps(tiny_eval_run, tmp_path):
     import lightning as L
 
-    from cm3leon.eval.callback import FIDCallback
+    from cm3leon.eval.callback import SampleCallback
     from cm3leon.lit.lm_module import CM3LeonLitModule
 
     module = CM3LeonLitModule.load_from_checkpoint(str(tiny_eval_run["ckpt"]), map_location="cpu")
     dm = WorldDataModule(tiny_eval_run["vqgan"], module.vocab)
-    cb = FIDCallback(every_n_steps=2, n_images=4, clip_pretrained=str(tiny_eval_run["clip"]), batch_size=8,
-                     decoding={"top_p": 0.9})
+    cb = SampleCallback(every_n_steps=2, n_images=4, clip_pretrained=str(tiny_eval_run["clip"]), batch_size=8,
+                        decoding={"top_p": 0.9}, metrics=["frechet", "clip_score", "caption_acc"], prefix="eval",
+                        subdir="eval")
     logger = ImageLogger()
     trainer = L.Trainer(max_steps=3, accelerator="cpu", devices=1, logger=logger, callbacks=[cb],
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -102,9 +102,11 @@ def test_fid_callback_logs_metrics_and_a_grid_every_n_steps(tiny_eval_run, tmp_p
 
 
 def test_fid_callback_rejects_bad_settings():
-    from cm3leon.eval.callback import FIDCallback
+    from cm3leon.eval.callback import SampleCallback
 
     with pytest.raises(ValueError, match="feature_space"):
-        FIDCallback(feature_space="dino")
+        SampleCallback(feature_space="dino")
     with pytest.raises(ValueError, match="at least 2"):
-        FIDCallback(n_images=1)
+        SampleCallback(n_images=1, metrics=["frechet"])
+    with pytest.raises(ValueError, match="not in"):
+        SampleCallback(metrics=["fid"])

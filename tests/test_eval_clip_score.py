@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_eval_embedded import make_tiny_clip
+from eval_builders import make_tiny_clip
 
 torch.set_num_threads(2)
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from test_eval_embedded import all_filled, compose_eval, tiny_eval_run  # noqa: F401  (fixture)
+from eval_builders import all_filled, compose_eval
 
 torch.set_num_threads(2)
 

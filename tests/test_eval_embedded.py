@@ -1,6 +1,6 @@
 """`eval_fid.py eval=embedded` end to end on a small random checkpoint: fid.json with every field
 filled, and a second run that reuses the generated images and the cached features; a deleted image
-is regenerated alone. Builders here are shared by the other test_eval_* files.
+is regenerated alone. Builders: tests/eval_builders.py; the `tiny_eval_run` fixture: conftest.py.
 
 Everything is random-initialised and saved to a temp dir (LM through CM3LeonLitModule, the tiny
 VQGAN config, the tiny CLIP); the numbers mean nothing, the pipeline is what is tested."""
@@ -8,105 +8,14 @@ VQGAN config, the tiny CLIP); the numbers mean nothing, the pipeline is what is 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-
+from eval_builders import all_filled, compose_eval, embedded_overrides
 from project import PROJECT_ROOT
 
 torch.set_num_threads(2)
-CONF = PROJECT_ROOT / "conf"
-BPE = PROJECT_ROOT / "data" / "shipped" / "world_bpe.json"
-
-
-def make_tiny_clip(path: Path) -> Path:
-    """A random-initialised world tiny CLIP saved as an open_clip state dict."""
-    import open_clip
-
-    from cm3leon.retrieval.tiny_clip import TINY_CLIP, register_tiny_clip
-
-    register_tiny_clip()
-    torch.manual_seed(0)
-    torch.save(open_clip.create_model(TINY_CLIP).state_dict(), path)
-    return path
-
-
-def make_tiny_vqgan(path: Path) -> Path:
-    """A random tiny VQGAN (conf/tokenizer/tiny.yaml: 64 px -> 8x8 codes) with its config yaml beside it."""
-    from cm3leon.tokenizers.image_tokenizer import CONFIG_DIR, ImageTokenizer
-
-    torch.manual_seed(0)
-    tok = ImageTokenizer.from_config("tiny")
-    torch.save(tok.model.state_dict(), path)
-    shutil.copy(CONFIG_DIR / "tiny.yaml", path.with_suffix(".yaml"))
-    return path
-
-
-def make_tiny_lm(path: Path, vqgan: Path) -> Path:
-    """A random 2-layer CM3Leon saved through CM3LeonLitModule, its data_meta naming the tokenizers."""
-    import lightning as L
-
-    from cm3leon.lit.lm_module import CM3LeonLitModule
-    from cm3leon.tokenizers.text_tokenizer import TextTokenizer
-    from cm3leon.vocab import Vocab
-
-    text = TextTokenizer.from_file(BPE)
-    from cm3leon.tokenizers.image_tokenizer import ImageTokenizer
-
-    n_codes = ImageTokenizer.from_checkpoint(vqgan).n_codes
-    vocab = Vocab(text_size=text.vocab_size, n_image_codes=n_codes, n_sentinels=16)
-    optim = dict(lr=1e-3, betas=[0.9, 0.95], eps=1e-8, weight_decay=0.1, warmup_steps=1, final_lr_ratio=0.1, max_steps=1)
-    meta = {"tokens_per_image": 64, "image_tokenizer": {"path": str(vqgan)}, "text_tokenizer": {"path": str(BPE)}}
-    torch.manual_seed(0)
-    module = CM3LeonLitModule(model=dict(name="test", n_layer=2, d_model=64, n_head=2, max_seq_len=128),
-                              vocab=vocab.to_dict(), optim=optim, data_meta=meta)
-    # zero-initialised residual outputs make a fresh model ignore its prompt: give them weights
-    with torch.no_grad():
-        for p in module.model.parameters():
-            if p.dim() == 2 and float(p.abs().sum()) == 0:
-                p.normal_(std=0.02)
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
-                "pytorch-lightning_version": L.__version__}, path)
-    return path
-
-
-@pytest.fixture(scope="session")
-def tiny_eval_run(tmp_path_factory) -> dict:
-    """{'ckpt', 'clip', 'vqgan', 'root'}: a random checkpoint and a random tiny CLIP on disk."""
-    root = tmp_path_factory.mktemp("eval_run")
-    vq = make_tiny_vqgan(root / "vqgan.pt")
-    return {"root": root, "vqgan": vq, "ckpt": make_tiny_lm(root / "lm.ckpt", vq), "clip": make_tiny_clip(root / "clip.pt")}
-
-
-def compose_eval(overrides: list[str]):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("eval_fid", overrides=overrides)
-
-
-def embedded_overrides(run: dict, log_dir: Path, n: int = 4) -> list[str]:
-    clip = str(run["clip"])
-    return [
-        "eval=embedded", f"ckpt={run['ckpt']}", f"paths.log_dir={log_dir}", f"cache_dir={log_dir / 'cache'}",
-        f"eval.n_captions={n}", "eval.samples_per_caption=2", "captions_per_batch=4", "progress=false",
-        f"eval.feature_clip.pretrained={clip}", f"eval.rerank.pretrained={clip}", f"eval.clip_score.pretrained={clip}",
-        "fid.kid_subsets=5", "trainer.accelerator=cpu", "trainer.devices=1",
-    ]
-
-
-def all_filled(obj, where="fid.json") -> list[str]:
-    """Paths of every None / empty value in a JSON-like object."""
-    if obj is None or obj == "" or obj == {} or obj == []:
-        return [where]
-    if isinstance(obj, dict):
-        return [p for k, v in obj.items() for p in all_filled(v, f"{where}.{k}")]
-    if isinstance(obj, list):
-        return [p for i, v in enumerate(obj) for p in all_filled(v, f"{where}[{i}]")]
-    return []
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +43,7 @@ def test_embedded_eval_writes_fid_json_with_every_field_filled(first_run, tiny_e
     assert "fid" not in on_disk  # not an Inception FID: named for its feature space
     assert on_disk["n"] == 4 and on_disk["generated_now"] == 4 and on_disk["reused_images"] == 0
     assert on_disk["checkpoint_sha256"] in out_dir.name or out_dir.name.startswith(on_disk["checkpoint_sha256"][:12])
-    assert on_disk["decoding"]["cfg_weight"] == cfg.decoding.cfg_weight
+    assert on_disk["decoding"]["guidance_scale"] == cfg.decoding.guidance_scale
     assert 0.0 <= on_disk["caption_accuracy"] <= 1.0 and on_disk["fd_tiny_clip"] >= 0
     images = sorted((out_dir / "images").glob("*.png"))
     assert [p.name for p in images] == [f"{i:06d}.png" for i in range(4)]
@@ -182,13 +91,13 @@ def test_other_decoding_settings_get_their_own_folder(first_run, tiny_eval_run):
     from cm3leon.eval.generation import world_prompts
 
     cfg, result, log_dir = first_run
-    other = compose_eval(embedded_overrides(tiny_eval_run, log_dir) + ["decoding.cfg_weight=1.5"])
+    other = compose_eval(embedded_overrides(tiny_eval_run, log_dir) + ["decoding.guidance_scale=1.5"])
     s1 = eval_fid.generation_settings(cfg, world_prompts(4))
     s2 = eval_fid.generation_settings(other, world_prompts(4))
     assert eval_fid._settings_hash(s1) != eval_fid._settings_hash(s2)
     # resuming into a folder made with other settings would mix samples: refused in one line
     out_dir = Path(result["images_dir"]).parent
-    clash = compose_eval(embedded_overrides(tiny_eval_run, log_dir) + ["decoding.cfg_weight=1.5", f"out_dir={out_dir}"])
+    clash = compose_eval(embedded_overrides(tiny_eval_run, log_dir) + ["decoding.guidance_scale=1.5", f"out_dir={out_dir}"])
     with pytest.raises(eval_fid.UsageError, match="other settings .*decoding"):
         eval_fid.run(clash)
 

@@ -9,7 +9,7 @@ import torch
 from scipy import linalg
 
 from cm3leon.eval.fid import feature_statistics, frechet_distance, kernel_distance
-from test_eval_embedded import make_tiny_clip
+from eval_builders import make_tiny_clip
 
 torch.set_num_threads(2)
 

@@ -8,7 +8,6 @@ import json
 import pytest
 
 from project import PROJECT_ROOT
-from test_eval_embedded import tiny_eval_run  # noqa: F401  (fixture)
 
 NOTEBOOK = PROJECT_ROOT / "notebooks" / "evaluate.ipynb"
 
@@ -41,7 +40,7 @@ def test_notebook_runs_top_to_bottom(tiny_eval_run, monkeypatch, capsys):
         if cell["cell_type"] == "code":
             exec(compile("".join(cell["source"]), f"{NOTEBOOK.name}[{i}]", "exec"), namespace)
     rows = namespace["rows"]
-    assert [r["cfg_weight"] for r in rows] == [1.0, 3.0]
+    assert [r["guidance_scale"] for r in rows] == [1.0, 3.0]
     assert all({"caption_accuracy", "fd_tiny_clip"} <= set(r) for r in rows)
     assert namespace["grid_image"].size[0] > 0
     assert "no evaluation of this checkpoint yet" in capsys.readouterr().out

@@ -14,6 +14,7 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from cm3leon.data.sequences import Document
+from cm3leon.tokenizers.image_tokenizer import CONFIG_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 BPE = ROOT / "data" / "shipped" / "world_bpe.json"
@@ -34,7 +35,7 @@ def tiny_ckpt(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("gen")
     vq = ImageTokenizer.from_config("tiny")
     torch.save(vq.model.state_dict(), d / "vq.pt")
-    shutil.copy(ROOT / "conf" / "tokenizer" / "tiny.yaml", d / "vq.yaml")
+    (d / "vq.yaml").write_text((CONFIG_DIR / "tiny.yaml").read_text())
     vocab = Vocab(text_size=TextTokenizer.from_file(BPE).vocab_size, n_image_codes=vq.n_codes, n_sentinels=16)
     meta = {"image_tokenizer": {"path": str(d / "vq.pt")}, "text_tokenizer": {"path": str(BPE)},
             "tokens_per_image": vq.tokens_per_image}
@@ -69,7 +70,7 @@ def run_generate(*overrides: str) -> dict:
 def test_missing_checkpoint_is_one_line(tmp_path):
     r = subprocess.run([sys.executable, "src/generate.py", f"ckpt={tmp_path}/none.ckpt", "prompt=a red circle",
                         f"hydra.run.dir={tmp_path}/run"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 1
+    assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "none.ckpt not found" in lines[0] and "ckpt=PATH" in lines[0], r.stderr
     import generate
@@ -93,7 +94,7 @@ def test_image_task_writes_each_sample_and_a_grid(tiny_ckpt, tmp_path, decoding)
     assert grid.size == (2 + n * 66, 2 + 66)  # make_grid: padding 2 around each 64 px image
     saved = json.loads((out / "samples.json").read_text())
     assert saved["decoding"]["strategy"] == {"topp_cfg": "topp", "cdk": "cdk", "mixed": "mixed"}[decoding]
-    assert saved["decoding"]["cfg_weight"] == 3.0 and saved["n"] == n and s["grid"] == str(out / "grid.png")
+    assert saved["decoding"]["guidance_scale"] == 3.0 and saved["n"] == n and s["grid"] == str(out / "grid.png")
 
 
 def test_caption_and_vqa_print_the_infilled_text(tiny_ckpt, tmp_path, capsys):
@@ -142,7 +143,7 @@ def test_clip_reranking_orders_samples(tiny_ckpt, tmp_path):
     assert np.array_equal(np.asarray(Image.open(tmp_path / "run" / "best.png")),
                           np.asarray(Image.open(tmp_path / "run" / f"sample_{best:02d}.png")))
     # the scores are CLIP's own cosine similarities
-    from cm3leon.rerank import ClipReranker
+    from cm3leon.generation.rerank import ClipReranker
 
     rr = ClipReranker(TINY_CLIP, str(tmp_path / "clip.pt"), device="cpu")
     images = [Image.open(tmp_path / "run" / f"sample_{i:02d}.png") for i in range(3)]
@@ -151,27 +152,38 @@ def test_clip_reranking_orders_samples(tiny_ckpt, tmp_path):
     assert order[0] == best and np.all(np.diff(sorted_scores) <= 0)
 
 
-class FakeRetriever:
-    """The interface of cm3leon.retrieval.Retriever that generate.py uses:
-    documents(prompts, k) -> list[list[Document]]."""
+class FolderRetriever:
+    """Stands in for cm3leon.retrieval.Retriever(folder, k, device) (the retrieval protocol's
+    documents(queries, k, rng) -> list[list[Document]]); records the folder it was given."""
 
-    def __init__(self, n_codes: int = 512, tokens: int = 64):
-        self.n_codes, self.tokens = n_codes, tokens
+    folders: list = []
 
-    def documents(self, prompts: list[str], k: int) -> list[list[Document]]:
+    def __init__(self, folder, k: int = 2, device: str = "cpu", n_codes: int = 512, tokens: int = 64):
+        self.folder, self.k, self.n_codes, self.tokens = Path(folder), k, n_codes, tokens
+        FolderRetriever.folders.append(Path(folder))
+
+    def documents(self, queries, k: int, rng=None) -> list[list[Document]]:
+        assert all(q.text for q in queries)  # inference retrieves by the prompt text
         rng = np.random.default_rng(0)
         return [[Document(np.array([40, 41]), rng.integers(0, self.n_codes, self.tokens)) for _ in range(k)]
-                for _ in prompts]
+                for _ in queries]
 
 
-def test_retrieved_documents_are_used(tiny_ckpt, tmp_path):
-    s = run_generate(f"ckpt={tiny_ckpt}", "prompt=a red circle", "n=2",
-                     "retrieval.retriever={_target_:test_generate.FakeRetriever}", "retrieval.k=1", f"out_dir={tmp_path}")
-    assert s["n_retrieved"] == 1 and (tmp_path / "sample_01.png").is_file()
+def test_retrieved_documents_are_used(tiny_ckpt, tmp_path, monkeypatch):
+    import cm3leon.retrieval.retriever as retriever_module
     import generate
 
+    monkeypatch.setattr(retriever_module, "Retriever", FolderRetriever)
+    bank = tmp_path / "bank"
+    bank.mkdir()
+    s = run_generate(f"ckpt={tiny_ckpt}", "prompt=a red circle", "n=2", f"retrieval.dir={bank}", "retrieval.k=1",
+                     f"out_dir={tmp_path}")
+    assert s["n_retrieved"] == 1 and (tmp_path / "sample_01.png").is_file() and FolderRetriever.folders[-1] == bank
     with pytest.raises(generate.UsageError, match="build_index"):
-        run_generate(f"ckpt={tiny_ckpt}", "prompt=x", f"retrieval.folder={tmp_path}/none", f"out_dir={tmp_path}")
+        run_generate(f"ckpt={tiny_ckpt}", "prompt=x", f"retrieval.dir={tmp_path}/none", "retrieval.k=1",
+                     f"out_dir={tmp_path}")
+    with pytest.raises(generate.UsageError, match="trained without retrieval"):
+        run_generate(f"ckpt={tiny_ckpt}", "prompt=x", "retrieval.k=1", f"out_dir={tmp_path}")
 
 
 @pytest.mark.slow
@@ -181,16 +193,6 @@ def test_cli_end_to_end(tiny_ckpt, tmp_path):
                        timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "grid.png").is_file() and (tmp_path / "sample_01.png").is_file()
-
-
-class FolderRetriever(FakeRetriever):
-    """Stands in for cm3leon.retrieval.Retriever(folder, k, device); records the folder it was given."""
-
-    folders: list = []
-
-    def __init__(self, folder, k: int = 2, device: str = "cpu"):
-        super().__init__()
-        FolderRetriever.folders.append(Path(folder))
 
 
 def test_checkpoint_trained_with_retrieval_uses_its_memory_bank(tiny_ckpt, tmp_path, monkeypatch, capsys):
@@ -208,7 +210,7 @@ def test_checkpoint_trained_with_retrieval_uses_its_memory_bank(tiny_ckpt, tmp_p
 
     s = run_generate(f"ckpt={ra_ckpt}", "prompt=a red circle", "n=1", "retrieval.k=1", f"out_dir={tmp_path / 'a'}")
     assert s["n_retrieved"] == 1 and FolderRetriever.folders[-1] == bank
-    assert "the checkpoint's memory bank" in capsys.readouterr().out
+    assert f"retrieved documents from {bank}" in capsys.readouterr().out
 
     shutil.rmtree(bank)
     s = run_generate(f"ckpt={ra_ckpt}", "prompt=a red circle", "n=1", f"out_dir={tmp_path / 'b'}")

@@ -1,17 +1,17 @@
 """CM3Leon transformer: shapes, paper init, tying, causality, KV-cache parity, OPT parity, sizes."""
 
 import time
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from cm3leon.model import SIZES, CM3LeonLM, KVCache, ModelConfig
+from cm3leon.config import load_model_config
+from cm3leon.errors import UsageError
+from cm3leon.model import CM3LeonLM, KVCache, ModelConfig
 from cm3leon.vocab import Vocab
-
-CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
+from project import CONF_DIR
 
 
 def small_cfg(**kw) -> ModelConfig:
@@ -121,9 +121,9 @@ def test_post_ln_and_options_build():
     for kw in (dict(pre_ln=False), dict(norm="layernorm", bias=True), dict(norm="rmsnorm", activation="gelu"),
                dict(pos_emb="none", embed_scale=8.0), dict(dropout=0.1)):
         assert random_model(**kw)(idx).shape == (1, 8, 96)
-    with pytest.raises(ValueError, match="norm"):
+    with pytest.raises(UsageError, match="norm"):
         small_cfg(norm="batchnorm")
-    with pytest.raises(ValueError, match="divisible"):
+    with pytest.raises(UsageError, match="divisible"):
         small_cfg(n_head=5)
 
 
@@ -153,31 +153,58 @@ def test_matches_hf_opt_with_same_weights():
 
 
 # ---- sizes -------------------------------------------------------------------------------------
+# Only what differs between sizes is in conf/model/<size>.yaml; every other field is ModelConfig's
+# default through the `model_schema` (cm3leon/config.py).
+SIZE_KEYS = {"defaults", "name", "n_layer", "d_model", "n_head", "max_seq_len", "recipe"}
+
+
 def test_meta_device_7b_is_instant_and_sizes_match_paper():
     paper = {"350m": 0.35e9, "760m": 0.76e9, "7b": 6.7e9}
     for name, target in paper.items():
         t0 = time.perf_counter()
         with torch.device("meta"):
-            model = CM3LeonLM(ModelConfig.from_name(name))
+            model = CM3LeonLM(load_model_config(CONF_DIR, name))
         assert time.perf_counter() - t0 < 5.0
         assert model.tok_emb.weight.is_meta and model.config.vocab_size == Vocab.paper().size
         assert abs(model.num_params() / target - 1) < 0.10, (name, model.num_params())
     assert model.num_params() == 6_729_793_536  # 7b, vocab 66,056, seq 4096
 
 
-def test_registry_and_yaml_agree():
-    for name in SIZES:
-        node = OmegaConf.load(CONF / f"{name}.yaml")  # as Hydra hands it to the LightningModule
-        assert node["name"] == name
-        assert set(node) - {"recipe"} == set(ModelConfig.__dataclass_fields__), f"{name}.yaml keys differ"
-        assert set(node.recipe) == {"lr", "warmup_steps", "global_batch_tokens"}
-        assert ModelConfig.from_dict(node) == ModelConfig.from_name(name), f"{name}.yaml != SIZES[{name!r}]"
-    assert ModelConfig.from_dict(node, vocab_size=123).vocab_size == 123
-    assert node.recipe.lr == 1.2e-4 and node.recipe.global_batch_tokens == 2048 * 4096  # 7b, PAPER.md section 2
-    with pytest.raises(ValueError, match="unknown keys"):
-        ModelConfig.from_dict({**node, "n_layers": 3})  # a typo names itself
-    with pytest.raises(ValueError, match="unknown model size"):
-        ModelConfig.from_name("13b")
+def test_size_yamls_hold_only_what_differs(compose_config):
+    sizes = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+    assert sizes == ["350m", "760m", "7b", "tiny"]
+    for name in sizes:
+        raw = OmegaConf.load(CONF_DIR / "model" / f"{name}.yaml")
+        assert set(raw) <= SIZE_KEYS and raw.defaults == ["model_schema", "_self_"], name
+        node = compose_config("train", [f"model={name}"]).model  # as Hydra hands it to the LightningModule
+        assert node.name == name and set(node.recipe) == {"lr", "warmup_steps", "global_batch_tokens"}
+        differs = {k: raw[k] for k in ("n_layer", "d_model", "n_head", "max_seq_len")}
+        # everything else is the paper's default (ModelConfig); vocab_size null -> the data's
+        assert node.vocab_size is None
+        assert ModelConfig.from_dict(node) == ModelConfig(name=name, **differs)
+        assert ModelConfig.from_dict(node, vocab_size=123).vocab_size == 123
+    recipe = compose_config("train", ["model=7b"]).model.recipe  # PAPER.md section 2
+    assert recipe.lr == 1.2e-4 and recipe.global_batch_tokens == 2048 * 4096
+    assert load_model_config(CONF_DIR, "350m", max_seq_len=2048).max_seq_len == 2048
+    with pytest.raises(UsageError, match="unknown model size"):
+        load_model_config(CONF_DIR, "13b")
+
+
+def test_every_model_field_is_a_typed_override(compose_config):
+    from hydra.errors import ConfigCompositionException
+
+    node = compose_config("train", ["model=350m", "model.n_layer=2", "model.norm=rmsnorm", "model.bias=true"]).model
+    cfg = ModelConfig.from_dict(node)
+    assert (cfg.n_layer, cfg.norm, cfg.bias, cfg.d_model) == (2, "rmsnorm", True, 1024)
+    with pytest.raises(ConfigCompositionException):
+        compose_config("train", ["model.n_layers=2"])  # a typo names itself at compose time
+    with pytest.raises(ConfigCompositionException):
+        compose_config("train", ["model.n_layer=two"])  # typed: not an int
+    added = compose_config("train", ["+model.n_layers=3"]).model  # forced in with +: refused when built
+    with pytest.raises(UsageError, match="unknown keys"):
+        ModelConfig.from_dict(added)
+    with pytest.raises(UsageError, match=r"model\.norm"):
+        ModelConfig.from_dict(compose_config("train", ["model.norm=batchnorm"]).model)
 
 
 @pytest.mark.slow

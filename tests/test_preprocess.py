@@ -162,3 +162,42 @@ def test_world_tokens_round_trip_with_shipped_tokenizers(tiny_tokens):
     images = tok.decode(torch.from_numpy(np.stack([s.codes.astype(np.int64) for s in samples])))
     acc = caption_accuracy(list(postprocess(images)), [s.caption for s in samples])
     assert acc["correct"] >= 0.95, acc
+
+
+def test_one_decoder_same_reasons_in_every_caller(tmp_path, random_vq):
+    """make_shards, preprocessing, the VQGAN DataModule and the raw-sample reader skip the same bad
+    pairs under the same reasons: they share checked_reader's decoder (the BPE caption reader
+    shares its caption rule and never decodes images)."""
+    from collections import Counter
+
+    from cm3leon.data.checked_reader import iter_raw_captions, iter_raw_samples
+    from cm3leon.data.image_datamodule import ImageShardDataset
+    from cm3leon.data.make_shards import make_shards
+
+    (_, img, cap), = good_samples(1)
+    corrupt = b"\x89PNG not really an image"
+    pairs = {"a": (png(img), cap), "b": (corrupt, cap), "c": (png(img), "  ")}  # good, bad image, empty caption
+    want = {"bad_image": 1, "empty_caption": 1}
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    with tarfile.open(raw / "000000.tar", "w") as tf:
+        for key, (image, text) in pairs.items():
+            (folder / f"{key}.png").write_bytes(image)
+            (folder / f"{key}.txt").write_text(text)
+            add(tf, f"{key}.png", image)
+            add(tf, f"{key}.txt", text.encode())
+
+    counts = make_shards(folder, tmp_path / "made")["counts"]
+    assert counts["written"] == 1 and {k.removeprefix("skipped_"): v for k, v in counts.items() if k.startswith("skipped_")} == want
+    cfg = PreprocessConfig(image_tokenizer=str(random_vq), text_tokenizer=str(SHIPPED_BPE), num_workers=1)
+    report = preprocess_split(str(raw), tmp_path / "tok", cfg, progress=False)
+    assert report["written"] == 1 and {k: v for k, v in report["skipped"].items() if v} == want
+    ds = ImageShardDataset(raw, resolution=32, train=False)
+    assert [s["key"] for s in ds] == ["a"] and ds.skipped == want
+    skipped = Counter()
+    assert [s.key for s in iter_raw_samples(raw, skipped)] == ["a"] and skipped == want
+    skipped = Counter()
+    assert list(iter_raw_captions(raw, skipped)) == [cap, cap] and skipped == {"empty_caption": 1}

@@ -3,14 +3,17 @@
 import csv
 import io
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
 import webdataset as wds
 from PIL import Image
 
-from project import PROJECT_ROOT
-from cm3leon.data.raw_shards import iter_raw_samples, list_shards, make_shards, write_shard
+from cm3leon.data.checked_reader import iter_raw_samples
+from cm3leon.data.make_shards import make_shards
+from cm3leon.data.raw_shards import list_shards, write_shard
+from project import CONF_DIR
 
 
 def save(path, seed: int, fmt: str | None = None, **kw) -> np.ndarray:
@@ -66,23 +69,23 @@ def test_make_shards_from_folder(tmp_path):
     c = save(src / "c.webp", 2, lossless=True)  # not png/jpg: re-encoded to png
     save(src / "sub" / "f.png", 3)
     save(src / "d.png", 4)  # empty caption
-    save(src / "e.png", 5)  # no caption file
+    save(src / "e.png", 5)  # no caption file: missing_caption
     (src / "broken.png").write_bytes(b"not an image")
     for stem, text in {"a": "a cat", "b": "a dog", "c": "a bird ", "sub/f": "a fish", "d": "  ", "broken": "x"}.items():
         (src / f"{stem}.txt").write_text(text)
 
     manifest = make_shards(src, tmp_path / "out", shard_size=3)
     assert manifest["counts"] == {
-        "written": 4, "skipped": 3, "skipped_bad_image": 1, "skipped_empty_caption": 2
+        "written": 4, "skipped": 3, "skipped_bad_image": 1, "skipped_empty_caption": 1, "skipped_missing_caption": 1
     }  # fmt: skip
     assert manifest["shards"] == ["000000.tar", "000001.tar"]
     assert json.loads((tmp_path / "out" / "manifest.json").read_text()) == manifest
-    samples = {s["json"]["source"]: s for s in iter_raw_samples(tmp_path / "out")}
+    samples = {s.meta["source"]: s for s in iter_raw_samples(tmp_path / "out")}
     assert sorted(samples) == ["a.png", "b.jpg", "c.webp", "sub/f.png"]
-    assert [s["key"] for s in samples.values()] == [f"my_pics_{i:09d}" for i in range(4)]
-    assert samples["c.webp"]["caption"] == "a bird"  # stripped
-    assert np.array_equal(np.asarray(samples["a.png"]["image"]), a)
-    assert np.array_equal(np.asarray(samples["c.webp"]["image"]), c)
+    assert [s.key for s in samples.values()] == [f"my_pics_{i:09d}" for i in range(4)]
+    assert samples["c.webp"].caption == "a bird"  # stripped
+    assert np.array_equal(np.asarray(samples["a.png"].image), a)
+    assert np.array_equal(np.asarray(samples["c.webp"].image), c)
     # png/jpg are stored byte for byte; anything else as png
     members = {}
     for raw in wds.DataPipeline(wds.SimpleShardList(list_shards(tmp_path / "out")), wds.tarfile_to_samples()):
@@ -114,10 +117,10 @@ def test_make_shards_from_csv_and_jsonl(tmp_path):
     m = make_shards(data / "pairs.csv", tmp_path / "csv_out", shard_size=2, key_prefix="mine_")
     assert m["counts"] == {"written": 3, "skipped": 2, "skipped_empty_caption": 1, "skipped_missing_image": 1}
     got = list(iter_raw_samples(tmp_path / "csv_out"))
-    assert [(s["key"], s["caption"]) for s in got] == [
+    assert [(s.key, s.caption) for s in got] == [
         ("mine_000000000", "zero"), ("mine_000000001", "one"), ("mine_000000002", "two")
     ]  # fmt: skip
-    assert got[1]["json"]["license"] == "cc-by" and np.array_equal(np.asarray(got[2]["image"]), absolute)
+    assert got[1].meta["license"] == "cc-by" and np.array_equal(np.asarray(got[2].image), absolute)
 
     # JSONL with other key names and one line that is not JSON
     lines = [json.dumps({"file": r["image"], "text": r["caption"]}) for r in rows] + ["{not json"]
@@ -126,11 +129,11 @@ def test_make_shards_from_csv_and_jsonl(tmp_path):
     assert m["counts"] == {
         "written": 3, "skipped": 3, "skipped_bad_row": 1, "skipped_empty_caption": 1, "skipped_missing_image": 1
     }  # fmt: skip
-    assert [s["key"] for s in iter_raw_samples(tmp_path / "jsonl_out")][0] == "pairs_000000000"
+    assert next(iter_raw_samples(tmp_path / "jsonl_out")).key == "pairs_000000000"
 
     with pytest.raises(ValueError, match=r"no column\(s\) \['file'\]"):
         make_shards(data / "pairs.csv", tmp_path / "x", image_column="file")
-    with pytest.raises(FileNotFoundError, match="nothing.csv"):
+    with pytest.raises(FileNotFoundError, match=r"nothing\.csv"):
         make_shards(data / "nothing.csv", tmp_path / "x")
 
 
@@ -144,22 +147,30 @@ def test_make_shards_script_config(tmp_path, capsys):
     (tmp_path / "in" / "a.txt").write_text("a caption")
     save(tmp_path / "in" / "b.png", 1)  # no caption
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("make_shards", overrides=[f"input={tmp_path / 'in'}", f"out_dir={tmp_path / 'out'}"])
     script.run(cfg)
     out = capsys.readouterr().out
-    assert "wrote 1 pairs in 1 shards" in out and "skipped 1 (empty_caption: 1)" in out
+    assert "wrote 1 pairs in 1 shards" in out and "skipped 1 (missing_caption: 1)" in out
     assert len(list(iter_raw_samples(tmp_path / "out"))) == 1
 
 
 # ---- reader ----------------------------------------------------------------------------------
-def test_iter_raw_samples_reports_and_skips_undecodable(tmp_path):
+def test_iter_raw_samples_skips_and_counts_by_reason(tmp_path):
     buf = io.BytesIO()
-    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(buf, format="PNG")
-    good = {"__key__": "k_0", "png": buf.getvalue(), "txt": "ok", "json": {"key": "k_0"}}
-    bad = {"__key__": "k_1", "png": b"garbage", "txt": "bad", "json": {"key": "k_1"}}
-    write_shard(tmp_path / "000000.tar", [good, bad, {**good, "__key__": "k_2"}])
-    with pytest.warns(UserWarning, match="skipping sample k_1"):
-        got = list(iter_raw_samples(tmp_path))
-    assert [s["key"] for s in got] == ["k_0", "k_2"]
-    assert got[0]["caption"] == "ok" and got[0]["json"] == {"key": "k_0"} and got[0]["image"].mode == "RGB"
+    Image.fromarray(np.zeros((4, 4, 4), np.uint8), "RGBA").save(buf, format="PNG")  # fully transparent
+    good = {"__key__": "k_0", "png": buf.getvalue(), "txt": " ok ", "json": {"key": "k_0"}}
+    bad = [
+        {"__key__": "k_1", "png": b"garbage", "txt": "bad"},
+        {"__key__": "k_2", "png": buf.getvalue(), "txt": b"\xff\xfe"},
+        {"__key__": "k_3", "png": buf.getvalue(), "txt": "x", "json": b"[1]"},
+        {"__key__": "k_4", "txt": "no image"},
+    ]
+    write_shard(tmp_path / "000000.tar", [good, *bad, {**good, "__key__": "k_5"}])
+    skipped = Counter()
+    got = list(iter_raw_samples(tmp_path, skipped))
+    assert [s.key for s in got] == ["k_0", "k_5"]
+    assert skipped == {"bad_image": 1, "bad_caption": 1, "bad_json": 1, "missing_image": 1}
+    assert got[0].caption == "ok" and got[0].meta == {"key": "k_0"} and got[0].image.mode == "RGB"
+    assert np.asarray(got[0].image).min() == 255  # transparency blended on white
+    assert list(iter_raw_samples(tmp_path, Counter(), min_side=5)) == []  # 4 px images: small_image

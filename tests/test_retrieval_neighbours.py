@@ -13,25 +13,22 @@ import numpy as np
 import pytest
 import torch
 
-from project import PROJECT_ROOT
 from cm3leon.data import world
 from cm3leon.data.datamodule import CM3DataModule
 from cm3leon.data.preprocess import PreprocessConfig, preprocess_split
 from cm3leon.data.sequences import document_ids
 from cm3leon.data.token_shards import decode_sample
 from cm3leon.data.token_stream import read_token_shard
+from cm3leon.errors import UsageError
 from cm3leon.retrieval.clip_encoder import DocumentEncoder, document_vectors
 from cm3leon.retrieval.index import KeyMap
-from cm3leon.retrieval.neighbours import (
-    NeighbourPool,
-    build_neighbour_source,
-    build_retrieval,
-    select_neighbours,
-)
+from cm3leon.retrieval.neighbours import NeighbourPool, build_retrieval, ensure_retrieval, select_neighbours
+from cm3leon.retrieval.protocol import DocumentSource, RetrievalQuery
 from cm3leon.retrieval.retriever import Retriever
 from cm3leon.retrieval.tiny_clip import TINY_CLIP
 from cm3leon.tokenizers.image_tokenizer import CONFIG_DIR, resolve_config
 from cm3leon.tokenizers.vqgan import VQModel
+from project import PROJECT_ROOT
 
 SHIPPED = PROJECT_ROOT / "data" / "shipped"
 torch.set_num_threads(2)
@@ -93,8 +90,8 @@ def small_world(tmp_path_factory):
     for split in ("train", "val"):
         preprocess_split(str(raw / split), root / "tokens" / split, pcfg, progress=False)
     tokens = root / "tokens"
-    source = build_neighbour_source(ra_config(), tokens, build_missing=True)
-    return tokens, source
+    ensure_retrieval(ra_config(), tokens, build_missing=True)
+    return tokens, NeighbourPool.from_config(ra_config(), tokens)
 
 
 def scene_of(key: str) -> world.Scene:
@@ -166,13 +163,15 @@ def test_neighbours_follow_the_rules_exactly(small_world):
 
 def test_neighbour_source_in_the_datamodule(small_world):
     tokens, source = small_world
-    assert isinstance(source, NeighbourPool) and source.k == 2
+    assert isinstance(source, DocumentSource)  # the one retrieval protocol
     dm = CM3DataModule(
-        str(tokens / "train"), str(tokens / "val"), seq_len=512, micro_batch_size=2, num_workers=0,
+        str(tokens), seq_len=512, micro_batch_size=2, num_workers=0, retrieval=ra_config(),
         objective={"transform": {"poisson_lambda": 0.0}}, vocab={"n_sentinels": 16},
     )
+    dm.prepare_data()  # the files are current: nothing to make
     dm.setup()
-    dm.neighbours = source
+    assert isinstance(dm.neighbours, NeighbourPool) and dm.neighbours.folder == source.folder
+    assert dm.data_meta()["retrieval"] == {"k": 2, "folder": str((tokens / "retrieval").resolve())}
     vocab = dm.vocab
     sample = decode_sample(read_token_shard(dm.train_shards[0])[3])
     ex = dm.make_example(sample, np.random.default_rng([1, 2, 3]))
@@ -180,7 +179,7 @@ def test_neighbour_source_in_the_datamodule(small_world):
     np.testing.assert_array_equal(ex["ids"], again["ids"])  # the example's rng decides: resumable
     assert ex["n_retrieved"] == 2
     # the sequence holds the 2 retrieved documents (from the pool, via the token store), then the query
-    docs = source(sample, np.random.default_rng([1, 2, 3]))
+    docs = source.documents([RetrievalQuery(key=sample.key)], 2, np.random.default_rng([1, 2, 3]))[0]
     pool = source.pool(sample.key)
     pool_docs = [source.store.document(p) for p in pool]
     for d in docs:
@@ -197,14 +196,26 @@ def test_neighbour_source_in_the_datamodule(small_world):
     batch = next(iter(dm.train_dataloader()))
     assert batch["n_retrieved"].tolist() == [2, 2]
     clone = pickle.loads(pickle.dumps(source))  # what a spawned DataLoader worker receives
-    assert clone._maps is None and len(clone(sample, np.random.default_rng(0))) == 2
+    assert clone._maps is None
+    assert len(clone.documents([RetrievalQuery(key=sample.key)], 2, np.random.default_rng(0))[0]) == 2
 
 
-def test_k_is_configurable_and_zero_is_no_retrieval(small_world):
-    tokens, _ = small_world
-    three = build_neighbour_source(ra_config(k=3), tokens)
-    assert len(three(decode_sample(read_token_shard(str(tokens / "val" / "000000.tar"))[0]), np.random.default_rng(0))) == 3
-    assert build_neighbour_source({"k": 0}, tokens) is None
+def test_k_is_per_call_and_zero_is_no_retrieval(small_world):
+    tokens, source = small_world
+    keys = [decode_sample(r).key for r in read_token_shard(str(tokens / "val" / "000000.tar"))[:3]]
+    queries = [RetrievalQuery(key=k) for k in keys]
+    assert [len(d) for d in source.documents(queries, 3, np.random.default_rng(0))] == [3, 3, 3]
+    assert source.documents(queries, 0) == [[], [], []]
+    # without a generator: the pool's first k in stored order (best first per query kind)
+    first = source.documents(queries[:1], 2)[0]
+    stored = [source.store.document(r) for r in source.pool(keys[0])[:2]]
+    assert all(np.array_equal(a.codes, b.codes) for a, b in zip(first, stored, strict=True))
+    with pytest.raises(ValueError, match="by sample key"):
+        source.documents([RetrievalQuery(text="a red circle")], 2)
+    for off in ({"name": "none", "k": 0}, None):
+        assert CM3DataModule(str(tokens), retrieval=off).retrieval is None
+    with pytest.raises(UsageError, match="retrieval=checkpoint has no k"):
+        CM3DataModule(str(tokens), retrieval={"name": "checkpoint", "k": None})
 
 
 def test_retriever_by_prompt_text(small_world):
@@ -236,17 +247,17 @@ def test_retriever_refuses_another_encoder(small_world, tmp_path):
 def test_missing_and_stale_files_give_one_line(small_world, tmp_path):
     tokens, _ = small_world
     with pytest.raises(FileNotFoundError) as e:
-        build_neighbour_source(ra_config(dir=str(tmp_path / "nowhere")), tokens)
+        ensure_retrieval(ra_config(dir=str(tmp_path / "nowhere")), tokens)
     msg = str(e.value)
     assert "\n" not in msg and "manifest.json" in msg and "python src/build_index.py" in msg
-    with pytest.raises(ValueError) as e:
-        build_neighbour_source(ra_config(max_relevance=0.8), tokens)
+    with pytest.raises(UsageError) as e:
+        ensure_retrieval(ra_config(max_relevance=0.8), tokens)
     assert "\n" not in str(e.value) and "rebuild" in str(e.value)
     broken = tmp_path / "copy"
     shutil.copytree(tokens / "retrieval", broken)
     (broken / "store" / "store.json").unlink()
-    with pytest.raises(FileNotFoundError, match="store.json not found"):
-        build_neighbour_source(ra_config(dir=str(broken)), tokens)
+    with pytest.raises(FileNotFoundError, match=r"store\.json not found"):
+        NeighbourPool.from_config(ra_config(dir=str(broken)), tokens)
     with pytest.raises(FileNotFoundError) as e:
         build_retrieval(ra_config(encoder={"model_name": TINY_CLIP, "pretrained": str(tmp_path / "world_clip.pt")}, dir=str(tmp_path / "r")), tokens)
     assert "\n" not in str(e.value) and "python src/train_clip.py" in str(e.value)
@@ -298,7 +309,7 @@ def test_world_retrieval_shares_main_shape_and_colour():
 def test_world_acceptance_full_bank(tmp_path):
     """The issue's acceptance on the whole world: 20,000-pair bank, the 1,000 validation captions
     through build_retrieval + Retriever; no pair retrieves itself; nothing above 0.9."""
-    raw = world.ensure_world()
+    raw = world.ensure_world(out_dir=str(PROJECT_ROOT / "data" / "world" / "raw"))  # the checkout's world
     torch.manual_seed(0)
     vq = tmp_path / "vq.ckpt"  # the codes do not matter for retrieval: a random VQGAN is quicker to get
     torch.save(VQModel(resolve_config("tiny")).state_dict(), vq)

@@ -11,21 +11,13 @@ import time
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
+from cm3leon.cli import USAGE_EXIT_CODE
+from project import CONF_DIR as CONF
 from project import PROJECT_ROOT
 
-CONF = PROJECT_ROOT / "conf"
 TRAIN = PROJECT_ROOT / "src" / "train.py"
-
-
-def compose_train(overrides: list[str]):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=["paths.output_dir=/tmp/unused", *overrides])
-    return cfg
 
 
 def group_options(group: str) -> list[str]:
@@ -35,28 +27,28 @@ def group_options(group: str) -> list[str]:
 @pytest.mark.parametrize(
     "group", ["model", "data", "objective", "retrieval", "optim", "trainer", "callbacks", "logger", "experiment"]
 )
-def test_every_config_group_option_composes_and_resolves(group):
+def test_every_config_group_option_composes_and_resolves(group, compose_config):
     options = group_options(group)
     assert options, group
     for option in options:
-        cfg = compose_train([f"{group}={option}"])
+        cfg = compose_config("train", [f"{group}={option}"])
         OmegaConf.to_container(cfg, resolve=True)  # raises on a broken interpolation
 
 
-def test_cpu_trainer_config_instantiates():
+def test_cpu_trainer_config_instantiates(compose_config):
     import hydra
 
-    cfg = compose_train(["trainer.max_steps=1"])
+    cfg = compose_config("train", ["trainer.max_steps=1"])
     trainer = hydra.utils.instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
     assert trainer.max_steps == 1 and trainer.gradient_clip_val == 1.0
 
 
 @pytest.mark.parametrize("size,expected", [("350m", 0.35e9), ("760m", 0.76e9), ("7b", 6.7e9)])
-def test_dry_run_param_counts_match_the_paper(size, expected):
-    import train
+def test_dry_run_param_counts_match_the_paper(size, expected, compose_config):
+    from cm3leon.lit.recipe import dry_run
 
-    cfg = compose_train([f"model={size}", "data=shutterstock", "data.root=/nonexistent"])
-    out = train.dry_run(cfg)
+    cfg = compose_config("train", [f"model={size}", "data=shutterstock", "data.tokens_dir=/nonexistent"])
+    out = dry_run(cfg)
     assert abs(out["params"] - expected) / expected < 0.10, out
     # the paper's 8M-token global batch from devices x micro-batch x accumulation
     assert out["tokens_per_step"] == 2048 * 4096
@@ -83,7 +75,7 @@ def test_missing_shards_fail_fast_with_one_line():
     t0 = time.time()
     proc = run_train(["model=350m", "data=shutterstock"], env={"CM3LEON_DATA": "/nonexistent/shutterstock"})
     assert time.time() - t0 < 20
-    assert proc.returncode != 0
+    assert proc.returncode == USAGE_EXIT_CODE
     lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1, proc.stderr
     assert "/nonexistent/shutterstock/train" in lines[0] and "README" in lines[0]
@@ -93,8 +85,7 @@ def small_run_args(tokens: Path, run_dir: Path, *extra: str) -> list[str]:
     return [
         f"hydra.run.dir={run_dir}",
         "data.embedded_world=false",
-        f"data.train_dir={tokens}/train",
-        f"data.val_dir={tokens}/val",
+        f"data.tokens_dir={tokens}",
         "data.micro_batch_size=4",
         "data.val_max_samples=8",
         "model.n_layer=1",
@@ -185,7 +176,7 @@ def test_ddp_two_cpu_processes_gloo(tiny_tokens, tmp_path):
     assert (run_dir / "train_ddp_process_1.log").is_file()
 
 
-def test_retrieval_on_and_off_train_from_the_same_command_line(tiny_tokens, tmp_path):
+def test_retrieval_on_and_off_train_from_the_same_command_line(tiny_tokens, tmp_path, compose_config):
     """Issue 4: `retrieval=ra` and `retrieval=none` both train; with ra every training sequence holds
     `retrieval.k` retrieved documents, and the checkpoint records the memory bank for generate.py."""
     import torch
@@ -193,7 +184,7 @@ def test_retrieval_on_and_off_train_from_the_same_command_line(tiny_tokens, tmp_
     from cm3leon.retrieval.neighbours import RetrievalConfig, build_retrieval
 
     bank = tmp_path / "bank"  # the session's tiny_tokens folder stays as it is
-    build_retrieval(RetrievalConfig.from_any({**compose_train(["retrieval=ra"]).retrieval, "dir": str(bank)}),
+    build_retrieval(RetrievalConfig.from_any({**compose_config("train", ["retrieval=ra"]).retrieval, "dir": str(bank)}),
                     tiny_tokens, progress=False)
     common = ["trainer.max_steps=2", "trainer.limit_val_batches=0", "+callbacks.keys._target_=cm3leon.lit.callbacks.BatchKeysRecorder"]
     for mode, extra, k in (("ra", [f"retrieval.dir={bank}", "retrieval.k=3"], 3), ("none", [], 0)):

@@ -1,5 +1,6 @@
-"""VQGAN training: the real Hydra script on tiny shards (fast_dev_run + export), the data module, and
-the module's GAN / EMA / dead-code paths."""
+"""VQGAN training: the real Hydra script on tiny shards (fast_dev_run + export), its config (the
+Makefile's overrides, defaults written once), the data module, and the module's GAN / EMA /
+dead-code paths."""
 
 from __future__ import annotations
 
@@ -10,12 +11,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from project import PROJECT_ROOT
 from cm3leon.data.image_datamodule import ImageShardDataset
 from cm3leon.data.raw_shards import write_shard
 from cm3leon.data.world import sample_for
 from cm3leon.lit.vqgan_module import VQGANModule
-from cm3leon.tokenizers import ImageTokenizer
+from cm3leon.tokenizers import ImageTokenizer, VQGANConfig
+from cm3leon.tokenizers.image_tokenizer import resolve_config
+from project import CONF_DIR, SRC_DIR
 
 TINY16 = dict(ch=8, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[], z_channels=8, embed_dim=4,
               n_embed=16, resolution=16, num_groups=4)
@@ -38,7 +40,7 @@ def test_dataset_skips_undecodable_samples(tmp_path):
     shards = _write_world_shards(tmp_path / "val", 6, bad_keys=(2,))
     ds = ImageShardDataset(shards, resolution=32, train=False)
     items = list(ds)
-    assert len(items) == 5 and ds.skipped == 1
+    assert len(items) == 5 and ds.skipped == {"bad_image": 1}
     assert items[0]["image"].shape == (3, 32, 32) and items[0]["caption"].startswith("a ")
     batch = next(iter(DataLoader(ds, batch_size=4)))
     assert batch["image"].shape == (4, 3, 32, 32) and len(batch["caption"]) == 4
@@ -47,12 +49,47 @@ def test_dataset_skips_undecodable_samples(tmp_path):
     assert len([next(train) for _ in range(12)]) == 12
 
 
+def _compose(overrides: list[str], hydra_config: bool = False):
+    """conf/train_tokenizer.yaml composed as the script does (its schemas registered on import)."""
+    from hydra import compose, initialize_config_dir
+
+    sys.path.insert(0, str(SRC_DIR))
+    import train_tokenizer  # noqa: F401 - registers the schemas
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("train_tokenizer", overrides=overrides, return_hydra_config=hydra_config)
+
+
+def test_config_makefile_overrides_and_defaults_written_once():
+    """Every override `make tokenizers` passes composes; the architecture and training defaults come
+    from the dataclasses (a named config holds only what differs); tokenizer configs are package data."""
+    from cm3leon.lit.vqgan_module import VQGANTrainingConfig
+    from cm3leon.tokenizers.image_tokenizer import CONFIG_DIR
+
+    stages = [
+        ["hydra.run.dir=/tmp/x", "tokenizer.n_embed=512", "trainer.max_steps=4000", "module.optim.total_steps=6000",
+         "ckpt_path=/tmp/x/last.ckpt", "export_to=/tmp/x/vq.ckpt"],
+        ["init_from=/tmp/vq.ckpt", "module.decoder_only=true", "trainer.max_steps=3000", "module.optim.lr=3e-4"],
+    ]
+    for overrides in stages:
+        cfg = _compose(overrides)
+        assert cfg.trainer._target_ == "lightning.pytorch.Trainer" and "model_checkpoint" in cfg.callbacks
+        assert {"wandb", "csv"} <= set(cfg.logger)
+    assert cfg.module.decoder_only is True and cfg.module.optim.lr == 3e-4
+    assert VQGANConfig(**_compose(["tokenizer=paper256"]).tokenizer) == VQGANConfig()  # the paper's: the defaults
+    assert _compose(["tokenizer=paper256", "tokenizer.n_embed=16384"]).tokenizer.n_embed == 16384
+    tiny = _compose([]).tokenizer
+    assert VQGANConfig(**tiny) == resolve_config("tiny") and tiny.resolution == 64
+    # the module's defaults are the dataclass's; the yaml changes only the world recipe's keys
+    defaults = VQGANTrainingConfig()
+    assert _compose([]).module.loss.disc_weight == defaults.loss.disc_weight
+    assert not (CONF_DIR / "tokenizer").exists() and (CONFIG_DIR / "tiny.yaml").is_file()
+
+
 def test_hydra_script_fast_dev_run_and_export(tmp_path):
     """The script's own `train(cfg)` on its real composed config (in process: no interpreter start-up)."""
-    from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
 
-    sys.path.insert(0, str(PROJECT_ROOT / "src"))
     from train_tokenizer import train
 
     train_dir = _write_world_shards(tmp_path / "train", 8, bad_keys=(3,))
@@ -60,16 +97,15 @@ def test_hydra_script_fast_dev_run_and_export(tmp_path):
     export = tmp_path / "export" / "vq.ckpt"
     overrides = [
         f"paths.output_dir={tmp_path / 'run'}",
-        f"data.train_shards={train_dir}", f"data.val_shards={val_dir}", "data.world=false",
+        f"data.train_shards={train_dir}", f"data.val_shards={val_dir}", "data.embedded_world=false",
         "module.val.caption_accuracy=true",  # world captions: the checker scores the reconstructions
         "data.batch_size=4", "data.val_batch_size=4", "data.shuffle_buffer=4",
-        "trainer.fast_dev_run=true", "trainer.enable_progress_bar=false", "logger.wandb=false",
+        "+trainer.fast_dev_run=true", "trainer.enable_progress_bar=false", "~logger.wandb",
         f"export_to={export}",
     ]
-    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train_tokenizer", overrides=overrides, return_hydra_config=True)
-        HydraConfig.instance().set_config(cfg)
-        summary = train(cfg)
+    cfg = _compose(overrides, hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    summary = train(cfg)
     assert {"train/rec_loss", "train/q_loss", "train/codebook_usage", "train/perplexity", "train/dead_codes",
             "val/rec_loss", "val/caption_accuracy"} <= set(summary)
     assert 0.0 <= summary["val/caption_accuracy"] <= 1.0
@@ -97,7 +133,7 @@ def test_module_gan_restart_and_ema(tmp_path, ema=True):
         codebook={"window": 2, "restart_every": 2, "restart_until": None, "ema": ema},
     )
     before = module.vqgan.quantize.embedding.weight.detach().clone()
-    disc_before = module.discriminator.main[0].weight.detach().clone()
+    disc_before = module.loss.discriminator.main[0].weight.detach().clone()
     trainer = L.Trainer(max_steps=8, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     trainer.fit(module, train_dataloaders=_random_loader())
@@ -105,7 +141,7 @@ def test_module_gan_restart_and_ema(tmp_path, ema=True):
     assert module._steps_done == 5 and trainer.global_step == 8
     after = module.vqgan.quantize.embedding.weight.detach()
     assert not torch.equal(before, after)  # codebook moved (gradient or EMA, and restarts)
-    assert not torch.equal(disc_before, module.discriminator.main[0].weight)  # the GAN trained after disc_start
+    assert not torch.equal(disc_before, module.loss.discriminator.main[0].weight)  # the GAN trained after disc_start
     stats = module.codebook_stats()
     assert 0 < stats["train/codebook_usage"] <= 1 and stats["train/perplexity"] >= 1
     assert module.vqgan.quantize.embedding.weight.requires_grad is (not ema)
@@ -136,11 +172,11 @@ def test_perceptual_loss_with_local_vgg(tmp_path):
     torch.save({f"features.{k}": v for k, v in feats.state_dict().items()}, path)
     module = VQGANModule(tokenizer={**TINY16, "resolution": 32}, loss={"perceptual_weight": 1.0, "perceptual_vgg_path": str(path)})
     x = torch.rand(2, 3, 32, 32) * 2 - 1
-    d_same = module.perceptual(x, x)
-    d_diff = module.perceptual(x, -x)
+    d_same = module.loss.perceptual(x, x)
+    d_diff = module.loss.perceptual(x, -x)
     assert d_same.shape == (2,) and torch.allclose(d_same, torch.zeros(2), atol=1e-6)
     assert (d_diff > 0).all()
-    assert not any(p.requires_grad for p in module.perceptual.parameters())
+    assert not any(p.requires_grad for p in module.loss.perceptual.parameters())
 
 
 def test_init_from_grows_the_codebook_by_splitting_codes(tmp_path):
@@ -189,14 +225,9 @@ def test_decoder_only_training_keeps_every_code(tmp_path):
 
 def test_init_from_a_missing_file_is_one_clear_error(tmp_path):
     """Checked before anything is generated or trained."""
-    from hydra import compose, initialize_config_dir
-
-    sys.path.insert(0, str(PROJECT_ROOT / "src"))
+    cfg = _compose([f"init_from={tmp_path / 'nope.ckpt'}", f"paths.output_dir={tmp_path / 'run'}"])
     from train_tokenizer import train
 
-    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train_tokenizer", overrides=[f"init_from={tmp_path / 'nope.ckpt'}",
-                                                    f"paths.output_dir={tmp_path / 'run'}"])
-    with pytest.raises(FileNotFoundError, match="init_from=.*nope.ckpt"):
+    with pytest.raises(FileNotFoundError, match=r"init_from=.*nope\.ckpt"):
         train(cfg)
     assert not (tmp_path / "run").exists()

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from project import PROJECT_ROOT
-from cm3leon.data.raw_shards import iter_raw_samples, list_shards
+from cm3leon.data.checked_reader import iter_raw_samples
+from cm3leon.data.raw_shards import list_shards
 from cm3leon.data.world import (
     BACKGROUNDS,
     COLOURS,
@@ -124,14 +125,14 @@ def test_generate_world_reads_back_and_matches_scenes(tiny_world):
     assert manifest["counts"] == {"train": 64, "val": 32}
     assert len(list_shards(tiny_world / "train")) == 4 and len(list_shards(tiny_world / "val")) == 2
     samples = list(iter_raw_samples(list_shards(tiny_world / "train") + list_shards(tiny_world / "val")))
-    assert len(samples) == 96 and len({s["key"] for s in samples}) == 96
+    assert len(samples) == 96 and len({s.key for s in samples}) == 96
     for s in samples[::7]:
-        split, index = s["json"]["split"], s["json"]["index"]
-        assert s["key"] == f"{split}_{index:09d}"
+        split, index = s.meta["split"], s.meta["index"]
+        assert s.key == f"{split}_{index:09d}"
         scene = scene_for(0, split, index)
-        assert s["caption"] == caption(scene) == s["json"]["caption"]
-        assert Scene.from_dict(s["json"]) == scene
-        assert np.array_equal(np.asarray(s["image"]), render(scene))
+        assert s.caption == caption(scene) == s.meta["caption"]
+        assert Scene.from_dict(s.meta) == scene
+        assert np.array_equal(np.asarray(s.image), render(scene))
 
 
 def test_generation_is_byte_identical_across_worker_counts(tmp_path):

@@ -6,7 +6,7 @@ position embeddings (init std 0.0002), truncated-normal init std 0.006 cut at 3 
 output layers (attention out-proj, FFN fc2) initialised to 0, tied input/output embeddings, no
 embedding scaling, sequence length 4096.
 
-    cfg = ModelConfig.from_name("350m")                 # or ModelConfig.from_dict(hydra_cfg.model)
+    cfg = ModelConfig.from_dict(hydra_cfg.model, vocab_size=vocab.size)   # conf/model/<size>.yaml
     model = CM3LeonLM(cfg)
     logits = model(idx)                                 # idx [B, T] long -> logits [B, T, V]
 
@@ -20,7 +20,8 @@ compiled / CUDA-graphed later:
     logits = model(prompt, input_pos=torch.arange(T0), cache=cache)          # prefill [B, T0, V]
     logits = model(next_tok, input_pos=torch.tensor([T0]), cache=cache)      # one step [B, 1, V]
 
-Positions are shared by the batch (same-length prompts); left-padding is not supported.
+Prompts of different lengths share one cache left-padded (`new_cache(..., start=P - lengths)`):
+the same forward then gives each row its own position ids and padding mask.
 """
 
 from __future__ import annotations
@@ -34,18 +35,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from cm3leon.errors import UsageError
 from cm3leon.vocab import Vocab
 
-# The sizes of the paper (PAPER.md section 2 table; heads from Meta's code) plus a CPU-sized one.
-# This registry is the single source of truth; conf/model/*.yaml repeat these numbers so that
-# Hydra users can see and override every field (`model.n_layer=12`), and tests/test_model.py
-# checks that the two agree.
-SIZES: dict[str, dict[str, int]] = {
-    "tiny": dict(n_layer=4, d_model=256, n_head=4, max_seq_len=512),
-    "350m": dict(n_layer=24, d_model=1024, n_head=16, max_seq_len=4096),
-    "760m": dict(n_layer=24, d_model=1536, n_head=16, max_seq_len=4096),
-    "7b": dict(n_layer=32, d_model=4096, n_head=32, max_seq_len=4096),
-}
+# The sizes (the paper's 350m / 760m / 7b, PAPER.md section 2, and a CPU-sized tiny) are
+# conf/model/<size>.yaml: only what differs from these defaults, on top of this dataclass as the
+# Hydra schema (cm3leon.config; `load_model_config(conf_dir, "350m")` outside Hydra apps).
 
 _NORMS = ("layernorm_noaffine", "layernorm", "rmsnorm")
 _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
@@ -87,7 +82,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_head:
-            raise ValueError(f"d_model={self.d_model} must be divisible by n_head={self.n_head}")
+            raise UsageError(f"model.d_model={self.d_model} must be divisible by model.n_head={self.n_head}")
         for what, value, allowed in (
             ("norm", self.norm, _NORMS),
             ("activation", self.activation, tuple(_ACTIVATIONS)),
@@ -95,9 +90,9 @@ class ModelConfig:
             ("attn_impl", self.attn_impl, _ATTN_IMPLS),
         ):
             if value not in allowed:
-                raise ValueError(f"model.{what}={value!r} is not one of {allowed}")
+                raise UsageError(f"model.{what}={value!r} is not one of {allowed}")
         if self.vocab_size <= 0 or self.max_seq_len <= 0:
-            raise ValueError("model.vocab_size and model.max_seq_len must be positive")
+            raise UsageError("model.vocab_size and model.max_seq_len must be positive")
 
     @property
     def head_dim(self) -> int:
@@ -108,13 +103,6 @@ class ModelConfig:
         return self.ffn_mult * self.d_model
 
     @classmethod
-    def from_name(cls, name: str, **overrides: Any) -> "ModelConfig":
-        """A registry size (`SIZES`) with any field overridden: `from_name("350m", max_seq_len=2048)`."""
-        if name not in SIZES:
-            raise ValueError(f"unknown model size {name!r}; choose one of {sorted(SIZES)}")
-        return cls(**{**SIZES[name], "name": name, **overrides})
-
-    @classmethod
     def from_dict(cls, d: Mapping[str, Any], **overrides: Any) -> "ModelConfig":
         """From a Hydra `model` node (conf/model/*.yaml). `vocab_size: null` means "from the data":
         pass `vocab_size=vocab.size`; left null it becomes the paper's table size. The node's
@@ -123,7 +111,7 @@ class ModelConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"model config has unknown keys {unknown}; known keys: {sorted(known)}")
+            raise UsageError(f"model config has unknown keys {unknown}; known keys: {sorted(known)}")
         if d.get("vocab_size") is None:
             d["vocab_size"] = _paper_vocab_size()
         return cls(**d)
@@ -139,27 +127,66 @@ class KVCache:
     """Preallocated keys/values for incremental decoding: per layer two tensors [B, H, max_len, hd].
 
     The tensors never change shape or address (writes are `index_copy_`), so a decode step is
-    static-shaped. Positions `input_pos` [T] are shared by every sequence of the batch.
+    static-shaped. Writes go to cache *slots* `input_pos` [T], shared by the batch.
+
+    Padding: prompts of different lengths share a batch left-padded. `start` [B] is row b's first
+    valid slot; its tokens sit at slots start[b].. with position ids 0, 1, ... (`positions`). Pad
+    slots are masked out of attention; a pad query sees only itself (no row is fully masked, so pad
+    states stay finite). Without `start` every row starts at slot 0 and slots are positions.
+
+    `limit` (an int, or None for the static max_len) cuts keys/values and the mask to the first
+    `limit` slots: on CPU attention then costs what has been written, not the whole cache; the
+    static form (None) is what a CUDA graph replays.
     """
 
     def __init__(self, n_layer: int, batch_size: int, n_head: int, max_len: int, head_dim: int,
-                 *, device=None, dtype=torch.float32):
+                 *, start: torch.Tensor | None = None, device=None, dtype=torch.float32):
         shape = (batch_size, n_head, max_len, head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.batch_size, self.max_len = batch_size, max_len
+        self.limit: int | None = None
+        self.start = None if start is None else start.to(device=device, dtype=torch.long)
+        self._keys = torch.arange(max_len, device=device)
+        if self.start is not None:
+            if self.start.shape != (batch_size,):
+                raise ValueError(f"KVCache start must have shape [{batch_size}], got {tuple(self.start.shape)}")
+            self._valid = self._keys[None, :] >= self.start[:, None]  # [B, S]
+            # the same as an additive mask in the cache's dtype: SDPA would convert a bool mask to
+            # this in every layer of every decode step
+            self._bias = torch.zeros(self._valid.shape, dtype=dtype, device=device).masked_fill(
+                ~self._valid, float("-inf"))  # [B, S]
+
+    def positions(self, input_pos: torch.Tensor) -> torch.Tensor:
+        """Position ids of the tokens written at slots input_pos [T]: [T] (no padding) or [B, T]."""
+        if self.start is None:
+            return input_pos
+        return (input_pos[None, :] - self.start[:, None]).clamp(min=0)
 
     def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v [B, H, T, hd] at positions input_pos [T]; return the full k, v [B, H, max_len, hd]."""
+        """Write k, v [B, H, T, hd] at slots input_pos [T]; return k, v [B, H, limit or max_len, hd]."""
         k_cache, v_cache = self.k[layer], self.v[layer]
         k_cache.index_copy_(2, input_pos, k.to(k_cache.dtype))
         v_cache.index_copy_(2, input_pos, v.to(v_cache.dtype))
-        return k_cache, v_cache
+        if self.limit is None:
+            return k_cache, v_cache
+        return k_cache[:, :, : self.limit], v_cache[:, :, : self.limit]
 
     def attn_mask(self, input_pos: torch.Tensor) -> torch.Tensor:
-        """Boolean mask [T, max_len]: query at position p sees cached keys at positions <= p."""
-        keys = torch.arange(self.max_len, device=input_pos.device)
-        return keys[None, :] <= input_pos[:, None]
+        """Which cached slots each query (at slots input_pos [T]) sees: bool [T, S] without padding;
+        with padding bool [B, 1, T, S] (or, for one eager decode step, the additive padding mask
+        [B, 1, 1, S] as a view: no work per step). S = limit or max_len."""
+        keys = self._keys[: self.limit]
+        causal = keys[None, :] <= input_pos[:, None]  # [T, S]
+        if self.start is None:
+            return causal
+        if self.limit is not None and input_pos.numel() == 1:
+            # eager decode step: the one query is the newest slot (limit - 1), so causality holds
+            # for every kept key and the mask is the rows' padding alone
+            return self._bias[:, None, None, : self.limit]
+        own = keys[None, :] == input_pos[:, None]  # [T, S]
+        valid = self._valid[:, : self.limit]
+        return ((valid[:, None, :] & causal[None]) | own[None])[:, None]
 
     def reset(self) -> None:
         for t in self.k + self.v:
@@ -278,29 +305,34 @@ class CM3LeonLM(nn.Module):
 
     # ---- forward -------------------------------------------------------------------------
     def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
-        """idx [B, T] long -> logits [B, T, V].
+                cache: KVCache | None = None, *, last_only: bool = False) -> torch.Tensor:
+        """idx [B, T] long -> logits [B, T, V] ([B, 1, V] with last_only: the last position only).
 
-        Without a cache: a full causal forward over positions 0..T-1.
-        With a cache: idx holds the tokens at positions input_pos [T] (shared by the batch); keys
-        and values are written into the cache and every query attends to cached positions <= its own.
+        Without a cache: a causal forward over idx; input_pos gives the position ids, [T] shared
+        by the batch or [B, T] per row (default 0..T-1).
+        With a cache: input_pos [T] are the cache slots the tokens are written to (shared by the
+        batch); each query attends to the cached slots <= its own. The position ids are the slots,
+        or, when the cache holds left-padded rows, the slots minus each row's offset
+        (`KVCache.positions`): batched prompts of different lengths decode in one forward.
         """
         B, T = idx.shape
         if cache is None:
+            mask = None
+            pos = torch.arange(T, device=idx.device) if input_pos is None else input_pos
+            if pos.shape not in ((T,), (B, T)):
+                raise ValueError(f"input_pos must have shape [{T}] or [{B}, {T}], got {tuple(pos.shape)}")
             if T > self.config.max_seq_len:
                 raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.config.max_seq_len}")
-            mask = None
-            pos = torch.arange(T, device=idx.device)
         else:
             if input_pos is None or input_pos.shape != (T,):
-                raise ValueError(f"with a cache, pass input_pos of shape [{T}] (positions of idx)")
-            mask = cache.attn_mask(input_pos)  # [T, max_len]
-            pos = input_pos
+                raise ValueError(f"with a cache, pass input_pos of shape [{T}] (the cache slots of idx)")
+            mask = cache.attn_mask(input_pos)
+            pos = cache.positions(input_pos)
         x = self.tok_emb(idx)  # [B, T, d]
         if self.config.embed_scale != 1.0:
             x = x * self.config.embed_scale
         if self.pos_emb is not None:
-            x = x + self.pos_emb(pos)  # [T, d] broadcast over B
+            x = x + self.pos_emb(pos)  # [T, d] broadcast over B, or [B, T, d]
         x = self.drop(x)
         ckpt = self.config.activation_checkpointing and self.training and cache is None
         for i, block in enumerate(self.blocks):
@@ -308,15 +340,19 @@ class CM3LeonLM(nn.Module):
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x, input_pos, cache, i, mask)
+        if last_only:
+            x = x[:, -1:]
         return self.lm_head(self.ln_f(x))  # [B, T, V]
 
-    def new_cache(self, batch_size: int, max_len: int | None = None, *, device=None, dtype=None) -> KVCache:
-        """An empty KV cache for this model (default: max_seq_len positions, the weights' device/dtype)."""
+    def new_cache(self, batch_size: int, max_len: int | None = None, *, start: torch.Tensor | None = None,
+                  device=None, dtype=None) -> KVCache:
+        """An empty KV cache for this model (default: max_seq_len slots, the weights' device/dtype);
+        `start` [B]: first valid slot per row for left-padded prompts (see `KVCache`)."""
         cfg, w = self.config, self.tok_emb.weight
         max_len = cfg.max_seq_len if max_len is None else max_len
         if max_len > cfg.max_seq_len:
             raise ValueError(f"cache max_len={max_len} exceeds model.max_seq_len={cfg.max_seq_len}")
-        return KVCache(cfg.n_layer, batch_size, cfg.n_head, max_len, cfg.head_dim,
+        return KVCache(cfg.n_layer, batch_size, cfg.n_head, max_len, cfg.head_dim, start=start,
                        device=w.device if device is None else device, dtype=w.dtype if dtype is None else dtype)
 
     # ---- accounting ----------------------------------------------------------------------

@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from cm3leon.utils import round_up
+
 BOS_ID = 0  # <s>
 PAD_ID = 1  # <pad>
 EOS_ID = 2  # </s>
@@ -31,10 +33,6 @@ PAPER_TEXT_SIZE = 56_320
 PAPER_IMAGE_CODES = 8_192
 PAPER_BASE_SIZE = 65_536
 PAPER_SENTINELS = 514
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return (n + multiple - 1) // multiple * multiple
 
 
 @dataclass(frozen=True)
@@ -77,7 +75,7 @@ class Vocab:
         object.__setattr__(self, "break_id", base)
         object.__setattr__(self, "eoss_id", base + 1)
         object.__setattr__(self, "first_sentinel_id", base + 2)
-        object.__setattr__(self, "size", _round_up(base + 2 + self.n_sentinels, self.pad_multiple))
+        object.__setattr__(self, "size", round_up(base + 2 + self.n_sentinels, self.pad_multiple))
 
     @classmethod
     def paper(cls) -> "Vocab":

@@ -1,7 +1,7 @@
 """Generation speed: our KV-cached sampler vs Hugging Face `generate` on an OPT of the same dims.
 
     from cm3leon.bench.generate import bench_generate
-    bench_generate("cpu")    # {'ours_tok_s': ..., 'hf_tok_s': ..., 'speedup': ..., 'same_tokens': True, ...}
+    bench_generate("cpu", vocab_size=world_vocab_size(bpe, vqgan))    # {'ours_tok_s': ..., 'hf_tok_s': ..., 'speedup': ..., 'same_tokens': True, ...}
 
 Both models hold the SAME weights (ours copied into `OPTForCausalLM` configured as the paper's
 architecture, `hf_opt_reference`), see the same prompt, and generate the same number of new tokens
@@ -21,27 +21,27 @@ from __future__ import annotations
 
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
 from cm3leon.bench.train_step import hf_opt_reference
-from cm3leon.decoding import DecodeSession, DecodingConfig, Picker, generate, generate_images, sample_fixed
+from cm3leon.generation.sampling import DecodingConfig, Picker
+from cm3leon.generation.session import DecodeSession, sample_fixed
+from cm3leon.generation.tasks import generate, generate_images
 from cm3leon.model import CM3LeonLM, ModelConfig
 from cm3leon.vocab import Vocab
 
 
-def world_vocab_size() -> int:
-    """The embedded world's table (the tiny model's real setting): the shipped BPE's ids + the tiny
-    VQGAN's codes (conf/tokenizer/tiny.yaml) + <break>, <eoss>, 16 sentinels, padded to a multiple of 8.
-    bench_train_step uses 16,384: pass vocab_size=16384."""
-    from omegaconf import OmegaConf
-
-    from cm3leon import PROJECT_ROOT
+def world_vocab_size(text_tokenizer: str | Path, image_tokenizer: str | Path, n_sentinels: int = 16) -> int:
+    """The embedded world's table (the tiny model's real setting): the BPE's ids + the VQGAN's codes +
+    <break>, <eoss>, `n_sentinels` sentinels (conf/data/world.yaml: 16), padded to a multiple of 8.
+    `src/bench.py` passes the shipped tokenizers; bench_train_step uses 16,384."""
+    from cm3leon.tokenizers.image_tokenizer import ImageTokenizer
     from cm3leon.tokenizers.text_tokenizer import TextTokenizer
 
-    text_size = TextTokenizer.from_file(PROJECT_ROOT / "data/shipped/world_bpe.json").vocab_size
-    n_codes = int(OmegaConf.load(PROJECT_ROOT / "conf/tokenizer/tiny.yaml").n_embed)
-    n_sentinels = int(OmegaConf.load(PROJECT_ROOT / "conf/data/world.yaml").vocab.n_sentinels)
+    text_size = TextTokenizer.from_file(text_tokenizer).vocab_size
+    n_codes = ImageTokenizer.from_checkpoint(image_tokenizer).n_codes
     return Vocab(text_size=text_size, n_image_codes=n_codes, n_sentinels=n_sentinels).size
 
 
@@ -120,7 +120,8 @@ def bench_generate(device: str = "cpu", *, size: str = "tiny", vocab_size: int |
 
 @torch.no_grad()
 def _bench_generate(device, size, vocab_size, prompt_len, new_tokens, repeats, seed, with_350m) -> dict:
-    vocab_size = vocab_size or world_vocab_size()
+    if vocab_size is None:
+        raise ValueError("bench_generate needs vocab_size (src/bench.py passes the world's: world_vocab_size(...))")
     torch.manual_seed(seed)
     # non-zero residual outputs so that greedy decoding is not trivially constant
     cfg = ModelConfig.from_name(size, vocab_size=vocab_size, zero_init_residual_out=False, init_std=0.02)
@@ -143,7 +144,7 @@ def _bench_generate(device, size, vocab_size, prompt_len, new_tokens, repeats, s
     # `guidance_scale` (a second, unbatched forward of the negative prompt each step); HF guides
     # log-probs, we guide logits: the same distribution, so the tokens must agree again
     uncond = torch.tensor([[2, vocab_size - 2, vocab_size - 3]], device=device)
-    dec = DecodingConfig(cfg_weight=3.0, temperature=0.0)
+    dec = DecodingConfig(guidance_scale=3.0, temperature=0.0)
 
     def ours_cfg():
         session = DecodeSession(ours, [prompt[0].tolist(), uncond[0].tolist()], 2, new_tokens)
@@ -194,8 +195,8 @@ def bench_350m_image(tokens_per_image: int = 1024, hf_tokens: int = 128, repeats
     HF generate (same dims, bf16, no CFG) tokens/s over hf_tokens new tokens."""
     model, vocab = _350m()
     caption = torch.randint(4, 1000, (20,))
-    dec = DecodingConfig(cfg_weight=3.0, top_p=0.9)
-    out = dict(gpu=torch.cuda.get_device_name(), tokens_per_image=tokens_per_image, cfg_weight=3.0)
+    dec = DecodingConfig(guidance_scale=3.0, top_p=0.9)
+    out = dict(gpu=torch.cuda.get_device_name(), tokens_per_image=tokens_per_image, guidance_scale=3.0)
     for name, graph in (("eager", False), ("cuda_graph", True)):
         gen = lambda: generate_images(model, vocab, [caption], tokens_per_image, decoding=dec,  # noqa: E731
                                       cuda_graph=graph)
@@ -221,7 +222,7 @@ def bench_350m_batch(n_images: int = 256, tokens_per_image: int = 1024) -> dict:
     """350M bf16, n_images prompts with CFG (2 n_images rows) in one batch, CUDA graph: images/s."""
     model, vocab = _350m()
     captions = [torch.randint(4, 1000, (20,)) for _ in range(n_images)]
-    dec = DecodingConfig(cfg_weight=3.0, top_p=0.9)
+    dec = DecodingConfig(guidance_scale=3.0, top_p=0.9)
     torch.cuda.reset_peak_memory_stats()
     t, _ = _timed(lambda: generate_images(model, vocab, captions, tokens_per_image, decoding=dec, cuda_graph=True),
                   "cuda")

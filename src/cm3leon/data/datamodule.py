@@ -1,15 +1,23 @@
 """The LightningDataModule of the main job: token shards -> CM3 training batches.
 
+It owns its data. `prepare_data()` (Lightning calls it once per node, on local rank 0) makes what
+is missing: for the embedded world its raw shards and token shards (`embedded.py`), and with
+retrieval on the retrieval files (`cm3leon.retrieval.neighbours.ensure_retrieval`: built for the
+embedded world, checked otherwise). `setup()` (every rank) opens them. `data_meta()` is what the
+checkpoint records about them.
+
 Per example (in the DataLoader worker): a token sample becomes a document (caption -> image, or
-image -> caption with probability `image_to_text_rate`), retrieved documents are put before it
-when a neighbour source is configured, the sequence is laid out and fitted to `seq_len`
-(`sequences.py`), and the CM3 transform is applied (`objective.py`). Batches are right-padded to
-their longest sequence; targets are the inputs shifted by one with no-loss positions set to -100.
+image -> caption with probability `image_to_text_rate`), `retrieval.k` retrieved documents are put
+before it when retrieval is on (the training `DocumentSource`, asked by the sample's key), the
+sequence is laid out and fitted to `seq_len` (`sequences.py`), and the CM3 transform is applied
+(`objective.py`). Batches are right-padded to their longest sequence; targets are the inputs
+shifted by one with no-loss positions set to -100.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Mapping
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -20,44 +28,54 @@ from cm3leon.data.raw_shards import list_shards
 from cm3leon.data.sequences import IGNORE_INDEX, Document, build_sequence, pad_batch
 from cm3leon.data.token_shards import TokenSample, decode_sample, load_token_vocab
 from cm3leon.data.token_stream import TokenShardStream, read_token_shard
+from cm3leon.errors import UsageError
 from cm3leon.objective import cm3_transform, loss_mask
+from cm3leon.retrieval.protocol import DocumentSource, RetrievalQuery
 from cm3leon.vocab import PAD_ID, Vocab
-
-# A neighbour source maps (sample, rng) -> the retrieved documents to put before it.
-NeighbourSource = Callable[[TokenSample, np.random.Generator], list[Document]]
 
 
 class CM3DataModule(L.LightningDataModule):
     """Streams token shards into CM3 batches.
 
     Args:
-        train_dir, val_dir: folders of token shards (with meta.json) from preprocess.
+        tokens_dir: folder of the token shards `{train,val}/` (with meta.json) from preprocess; the
+            retrieval files default to `tokens_dir/retrieval`.
         seq_len: context length (the paper: 4096).
         micro_batch_size: sequences per device per step.
-        num_workers: DataLoader workers per device.
-        seed: seed of the stream (shard order, in-shard shuffle, masking).
+        num_workers: DataLoader workers per device (and processes that prepare the embedded world).
+        seed: seed of the stream (shard order, in-shard shuffle, masking, retrieved-document draws).
         image_to_text_rate: share of query documents laid out image -> caption.
         objective: `conf/objective/*.yaml` as a dict: {transform: {...}, zero_sentinel_loss: bool}.
         vocab: extra Vocab fields {base_size, n_sentinels, pad_multiple} (sizes come from meta.json).
         val_max_samples: cap on validation samples (null: all).
+        retrieval: `conf/retrieval/*.yaml` (k documents per example; k = 0 or null: no retrieval).
+        embedded_world: `tokens_dir` is the embedded world's: prepare_data makes the world, its token
+            shards (with the tokenizers in `shipped_dir`) and retrieval files when missing or stale.
+            Otherwise the token shards must exist (checked here: one line naming the folder).
+        world: the world to generate (`cm3leon.data.world.WorldConfig` fields; out_dir required).
+        shipped_dir: the folder of the world's tokenizers (world_vqgan.ckpt, world_bpe.json).
     """
 
     def __init__(
         self,
-        train_dir: str,
-        val_dir: str,
+        tokens_dir: str,
         seq_len: int = 4096,
         micro_batch_size: int = 8,
         num_workers: int = 2,
         seed: int = 0,
         image_to_text_rate: float = 0.0,
-        objective: dict | None = None,
-        vocab: dict | None = None,
+        objective: Mapping | None = None,
+        vocab: Mapping | None = None,
         val_max_samples: int | None = None,
         pin_memory: bool = True,
+        retrieval: Mapping | None = None,
+        embedded_world: bool = False,
+        world: Mapping | None = None,
+        shipped_dir: str | None = None,
     ):
         super().__init__()
-        self.train_dir, self.val_dir = train_dir, val_dir
+        self.tokens_dir = Path(tokens_dir)
+        self.train_dir, self.val_dir = self.tokens_dir / "train", self.tokens_dir / "val"
         self.seq_len = seq_len
         self.micro_batch_size = micro_batch_size
         self.num_workers = num_workers
@@ -69,12 +87,32 @@ class CM3DataModule(L.LightningDataModule):
         self.vocab_overrides = dict(vocab or {})
         self.val_max_samples = val_max_samples
         self.pin_memory = pin_memory
-        self.neighbours: NeighbourSource | None = None
+        self.retrieval = _retrieval_config(retrieval)
+        self.embedded_world = bool(embedded_world)
+        self.world = dict(world or {})
+        self.shipped_dir = shipped_dir
+        if self.embedded_world and not (self.world.get("out_dir") and shipped_dir):
+            raise UsageError("data.embedded_world=true needs data.world.out_dir and data.shipped_dir (conf/data/world.yaml)")
+        self.neighbours: DocumentSource | None = None  # opened in setup when retrieval is on
         self._start_batch = 0
         self.vocab: Vocab | None = None
         self.meta: dict | None = None
+        if not self.embedded_world:
+            self.load_meta()  # the user's token shards: a missing folder stops here, in one line
 
-    # ---- set-up --------------------------------------------------------------------------
+    # ---- data: made once, opened per rank --------------------------------------------------
+    def prepare_data(self) -> None:
+        """Make the embedded world's data and the retrieval files when missing (local rank 0)."""
+        if self.embedded_world:
+            from cm3leon.data.embedded import ensure_embedded_tokens
+
+            ensure_embedded_tokens(self.world, self.tokens_dir, self.shipped_dir, num_workers=self.num_workers)
+        if self.retrieval is not None:
+            from cm3leon.retrieval.neighbours import ensure_retrieval
+
+            # a missing or stale build is made for the embedded world, one error line otherwise
+            ensure_retrieval(self.retrieval, self.tokens_dir, build_missing=self.embedded_world)
+
     def load_meta(self) -> Vocab:
         """Read the token shards' meta.json (cheap, no shard is opened) and build the Vocab."""
         if self.vocab is None:
@@ -89,16 +127,31 @@ class CM3DataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         self.load_meta()
         if self.seq_len < self.tokens_per_image + 4:
-            raise ValueError(f"data.seq_len={self.seq_len} cannot hold one image of {self.tokens_per_image} tokens")
-        # cm3_transform caps the span count at the vocabulary's sentinel count
+            raise UsageError(f"data.seq_len={self.seq_len} cannot hold one image of {self.tokens_per_image} tokens")
         self.train_shards = list_shards(self.train_dir)
         self.val_shards = list_shards(self.val_dir)
+        if self.retrieval is not None and self.neighbours is None:
+            from cm3leon.retrieval.neighbours import NeighbourPool
+
+            self.neighbours = NeighbourPool.from_config(self.retrieval, self.tokens_dir)
+
+    def data_meta(self) -> dict:
+        """What the checkpoint records about the data: the token shards' meta.json (tokenizer paths
+        and hashes, tokens per image) and, with retrieval on, {'retrieval': {'k', 'folder'}} (the
+        memory bank generate.py retrieves from by default)."""
+        meta = dict(self.meta or {})
+        if self.retrieval is not None:
+            meta["retrieval"] = {"k": self.retrieval.k, "folder": str(self.retrieval.folder(self.tokens_dir).resolve())}
+        return meta
 
     # ---- examples and batches ------------------------------------------------------------
     def make_example(self, sample: TokenSample, rng: np.random.Generator) -> dict:
         """One token sample -> {'ids': int64 [n <= seq_len], 'key', 'n_retrieved'} (runs in workers)."""
         query = Document(sample.text_ids, sample.codes)
-        retrieved = self.neighbours(sample, rng) if self.neighbours is not None else []
+        retrieved = []
+        if self.neighbours is not None:
+            # drawn with the example's own generator: a resumed stream gets the same documents
+            retrieved = self.neighbours.documents([RetrievalQuery(key=sample.key)], self.retrieval.k, rng)[0]
         image_first = bool(rng.random() < self.image_to_text_rate)
         ids, n_kept = build_sequence(query, retrieved, self.vocab, self.seq_len, image_first=image_first)
         ex = cm3_transform(ids, self.vocab, rng, seq_len=self.seq_len, **self.transform_kwargs)
@@ -159,7 +212,7 @@ class CM3DataModule(L.LightningDataModule):
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("micro_batch_size", self.micro_batch_size) != self.micro_batch_size or state.get("seed") != self.seed:
-            raise ValueError(
+            raise UsageError(
                 "resuming with a different data.seed or data.micro_batch_size would repeat or skip data; "
                 f"the checkpoint used seed={state.get('seed')} micro_batch_size={state.get('micro_batch_size')}"
             )
@@ -178,3 +231,17 @@ class _Limited(torch.utils.data.IterableDataset):
             if i >= self.n:
                 return
             yield x
+
+
+def _retrieval_config(retrieval: Mapping | None):
+    """The RetrievalConfig of a `conf/retrieval/*.yaml` node, or None when it retrieves nothing."""
+    if retrieval is None or retrieval.get("k", 0) == 0:
+        return None
+    if retrieval.get("k") is None:
+        raise UsageError(
+            f"retrieval={retrieval.get('name')} has no k: training takes retrieval=ra (k documents per "
+            "example, retrieval.k=K) or retrieval=none"
+        )
+    from cm3leon.retrieval.neighbours import RetrievalConfig
+
+    return RetrievalConfig.from_any(retrieval)

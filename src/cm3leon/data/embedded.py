@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 from cm3leon.data.preprocess import PreprocessConfig, other_tokenizer, preprocess_split, summary_line, tokenizer_files
 from cm3leon.data.token_shards import META_FILE, REPORT_FILE
-from cm3leon.data.world import ensure_world
+from cm3leon.data.world import WorldConfig, ensure_world
 
 
 def _tokens_complete(split_dir: Path, raw_split: Path) -> bool:
@@ -23,13 +24,13 @@ def _tokens_complete(split_dir: Path, raw_split: Path) -> bool:
 
 
 def ensure_embedded_tokens(
-    world_dir: str | Path, shipped_dir: str | Path, num_workers: int = 2, **world_overrides
+    world: Mapping | WorldConfig, tokens_dir: str | Path, shipped_dir: str | Path, num_workers: int = 2
 ) -> Path:
-    """Make `world_dir/raw` and `world_dir/tokens/{train,val}` when missing or stale; return the tokens
-    folder. `world_overrides` go to `ensure_world` (tests make small worlds: n_train=..., n_val=...)."""
-    world_dir, shipped_dir = Path(world_dir), Path(shipped_dir)
-    raw = ensure_world(out_dir=str(world_dir / "raw"), num_workers=num_workers, **world_overrides)
-    tokens = world_dir / "tokens"
+    """Make the world's raw shards (`world`: WorldConfig fields, out_dir required; tests make small
+    worlds with n_train=..., n_val=...) and `tokens_dir/{train,val}` when missing or stale, with the
+    tokenizers in `shipped_dir`; return `tokens_dir`."""
+    raw = ensure_world(world, num_workers=num_workers)
+    tokens, shipped_dir = Path(tokens_dir), Path(shipped_dir)
     cfg = PreprocessConfig(
         image_tokenizer=str(shipped_dir / "world_vqgan.ckpt"),
         text_tokenizer=str(shipped_dir / "world_bpe.json"),

@@ -1,33 +1,34 @@
 """DataModule of images (+ captions) from raw shards, for training the VQGAN.
 
 Raw shards are the img2dataset layout (`KEY.png|jpg`, `KEY.txt`; `cm3leon.data.raw_shards`), read
-with webdataset. Training streams shards resampled with replacement (an endless stream: the
-Trainer stops at `max_steps`); validation reads its shards once, in order, up to `val_max_samples`.
-A sample whose image does not decode is skipped and counted (`ImageShardDataset.skipped`).
+and decoded by the one raw-sample reader (`cm3leon.data.checked_reader`); webdataset resamples,
+shuffles and splits them. Training streams shards resampled with replacement (an endless stream:
+the Trainer stops at `max_steps`); validation reads its shards once, in order, up to
+`val_max_samples`. Bad samples are skipped and counted by reason (`ImageShardDataset.skipped`).
 
 Batches: {"image": float [B, 3, R, R] in [-1, 1], "caption": list[str], "key": list[str]}.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import os
-from collections.abc import Iterator, Sequence
+import random
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 import webdataset as wds
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from cm3leon.data.checked_reader import decode_or_count, iter_members
 from cm3leon.data.raw_shards import list_shards
 from cm3leon.tokenizers.image_processing import preprocess
 
 log = logging.getLogger(__name__)
-
-IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
 
 
 class ImageShardDataset(IterableDataset):
@@ -49,7 +50,13 @@ class ImageShardDataset(IterableDataset):
         self.urls = list_shards(shards)
         self.resolution, self.train = resolution, train
         self.shuffle_buffer, self.max_samples, self.seed = shuffle_buffer, max_samples, seed
-        self.skipped = 0
+        self.skipped: Counter[str] = Counter()  # by reason (checked_reader.SKIP_REASONS), in this process
+
+    def _read(self, shards: Iterable[dict]) -> Iterator[dict]:
+        """webdataset stage: {"url"} dicts -> {"__key__", ext: bytes} samples (truncation counted)."""
+        for shard in shards:
+            for key, members in iter_members(shard["url"], self.skipped):
+                yield {"__key__": key, **members}
 
     def _pipeline(self) -> wds.DataPipeline:
         if self.train:
@@ -59,51 +66,31 @@ class ImageShardDataset(IterableDataset):
             seed = self.seed + 1000 * rank + (worker.id if worker else 0)
             return wds.DataPipeline(
                 wds.ResampledShards(self.urls, seed=seed, deterministic=True),
-                wds.tarfile_to_samples(handler=wds.warn_and_continue),
-                wds.shuffle(self.shuffle_buffer, rng=_rng(seed)),
+                self._read,
+                wds.shuffle(self.shuffle_buffer, rng=random.Random(seed)),
             )
-        return wds.DataPipeline(
-            wds.SimpleShardList(self.urls),
-            wds.split_by_node,
-            wds.split_by_worker,
-            wds.tarfile_to_samples(handler=wds.warn_and_continue),
-        )
-
-    def _decode(self, raw: dict[str, Any]) -> dict[str, Any] | None:
-        key = raw.get("__key__", "?")
-        try:
-            ext = next((e for e in IMAGE_KEYS if e in raw), None)
-            if ext is None:
-                raise ValueError("no png/jpg/jpeg/webp member")
-            image = Image.open(io.BytesIO(raw[ext]))
-            image.load()
-            caption = raw["txt"].decode("utf-8") if "txt" in raw else ""
-            return {"image": preprocess(image, self.resolution), "caption": caption, "key": key}
-        except Exception as e:  # one bad sample among many: skip it, count it
-            self.skipped += 1
-            log.warning("skipping sample %s (%s: %s); %d skipped so far", key, type(e).__name__, e, self.skipped)
-            return None
+        return wds.DataPipeline(wds.SimpleShardList(self.urls), wds.split_by_node, wds.split_by_worker, self._read)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         n = 0
         for raw in self._pipeline():
-            sample = self._decode(raw)
+            key = raw.pop("__key__")
+            sample = decode_or_count(key, raw, self.skipped)
             if sample is None:
+                log.warning("skipped sample %s; skipped so far: %s", key, dict(self.skipped))
                 continue
-            yield sample
+            yield {"image": preprocess(sample.image, self.resolution), "caption": sample.caption, "key": sample.key}
             n += 1
             if self.max_samples is not None and n >= self.max_samples:
                 return
 
 
-def _rng(seed: int):
-    import random
-
-    return random.Random(seed)
-
-
 class ImageDataModule(L.LightningDataModule):
-    """Train/val loaders over raw image shards (folders, globs, brace patterns or lists of tars)."""
+    """Train/val loaders over raw image shards (folders, globs, brace patterns or lists of tars).
+
+    embedded_world: the shards are split folders (`.../raw/train`, `.../raw/val`) of the embedded
+    world; `prepare_data` generates it there on first use.
+    """
 
     def __init__(
         self,
@@ -116,8 +103,10 @@ class ImageDataModule(L.LightningDataModule):
         shuffle_buffer: int = 1000,
         val_max_samples: int | None = 1000,
         seed: int = 0,
+        embedded_world: bool = False,
     ):
         super().__init__()
+        self.embedded_world = embedded_world
         self.train_shards, self.val_shards = train_shards, val_shards
         self.resolution, self.batch_size = resolution, batch_size
         self.val_batch_size = val_batch_size or batch_size
@@ -125,6 +114,12 @@ class ImageDataModule(L.LightningDataModule):
         self.val_max_samples, self.seed = val_max_samples, seed
         self.train_set: ImageShardDataset | None = None
         self.val_set: ImageShardDataset | None = None
+
+    def prepare_data(self) -> None:
+        if self.embedded_world:
+            from cm3leon.data.world import ensure_world
+
+            ensure_world(out_dir=str(Path(self.train_shards).parent))
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:

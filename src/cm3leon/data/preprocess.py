@@ -3,7 +3,8 @@
 Each raw shard becomes one token shard of the same name, written to a temporary file and renamed
 when complete, with a `NNNNNN.stats.json` sidecar; a rerun skips shards whose sidecar exists
 (resumable at shard granularity). Shards are spread over worker processes on CPU; on a GPU one
-process encodes large batches. Bad samples are skipped and counted (`checked_reader.py`).
+process encodes large batches. Bad samples are skipped and counted by reason (`checked_reader.py`,
+the one raw-sample decoder).
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ import torch
 import webdataset as wds
 from tqdm import tqdm
 
-from cm3leon.data.checked_reader import SKIP_REASONS, iter_checked_samples
+from cm3leon.data.checked_reader import SKIP_REASONS, iter_raw_samples
 from cm3leon.data.raw_shards import list_shards
-from cm3leon.data.token_shards import REPORT_FILE, TokenSample, encode_sample, file_sha256, read_meta, write_meta
+from cm3leon.data.token_shards import REPORT_FILE, TokenSample, encode_sample, read_meta, write_meta
 from cm3leon.tokenizers.image_tokenizer import ImageTokenizer
 from cm3leon.tokenizers.text_tokenizer import TextTokenizer
+from cm3leon.utils import file_sha256
 
 
 @dataclass
@@ -63,7 +65,7 @@ class ShardTokenizer:
         tmp = out_path.with_name(out_path.name + ".tmp")
         with wds.TarWriter(str(tmp)) as sink:
             batch = []
-            for sample in iter_checked_samples(in_path, skipped, self.min_side):
+            for sample in iter_raw_samples(in_path, skipped, self.min_side):
                 batch.append(sample)
                 if len(batch) == self.cfg.batch_size:
                     for s in self._encode_batch(batch):

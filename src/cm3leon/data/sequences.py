@@ -14,6 +14,10 @@ Over-length policy (the paper's 3 retrieved docs + query is ~4.2k tokens for a 4
 whole retrieved documents are dropped, first (farthest from the query) first, until the sequence
 fits; images are never cut. If the query alone is still too long, its caption is truncated
 from the end. A context that cannot hold one image plus its framing is a configuration error.
+
+Generation uses the same layout, cut where the model takes over (`text_to_image_prompt`,
+`unconditional_prompt`, `edit_prompts`, `infill_prompt`, `caption_prompt`): training and
+generation read the document order and the framing from this one module.
 """
 
 from __future__ import annotations
@@ -22,7 +26,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cm3leon.vocab import EOS_ID, Vocab
+from collections.abc import Sequence
+
+from cm3leon.objective import cm3_apply_spans
+from cm3leon.vocab import EOS_ID, UNK_ID, Vocab
 
 IGNORE_INDEX = -100
 
@@ -57,7 +64,6 @@ def build_sequence(
     always caption -> image; `image_first` sets the query's order.
     """
     eos = np.array([EOS_ID], dtype=np.int64)
-    brk = np.array([vocab.break_id], dtype=np.int64)
     q = document_ids(query, vocab, image_first)
     framing = 2  # </s> ... </s>
     if len(q) + framing > seq_len:
@@ -76,11 +82,77 @@ def build_sequence(
         total -= len(docs[0]) + 1
         docs.pop(0)  # drop the first (farthest from the query) document first
 
-    parts = [eos]
+    return np.concatenate([_prefix(docs, vocab), q, eos]), len(docs)
+
+
+def _prefix(docs: Sequence[np.ndarray], vocab: Vocab) -> np.ndarray:
+    """`</s> D1 <break> D2 <break> ...`: the opening and the retrieved documents (as id arrays)."""
+    parts = [np.array([EOS_ID], dtype=np.int64)]
     for d in docs:
-        parts += [d, brk]
-    parts += [q, eos]
-    return np.concatenate(parts), len(docs)
+        parts += [d, np.array([vocab.break_id], dtype=np.int64)]
+    return np.concatenate(parts)
+
+
+# ---- prompts: the same layout, cut where the model takes over -----------------------------------
+def retrieved_prefix(retrieved: Sequence[Document] | None, vocab: Vocab) -> list[int]:
+    """`</s> T1 <break> I1 <break> ...`: the retrieved documents before the query, as in training."""
+    return _prefix([document_ids(d, vocab, image_first=False) for d in retrieved or ()], vocab).tolist()
+
+
+def text_to_image_prompt(text_ids, vocab: Vocab, retrieved: Sequence[Document] | None = None) -> list[int]:
+    """The zero-shot prompt `</s> [retrieved docs] caption <break>` as ids."""
+    return retrieved_prefix(retrieved, vocab) + [*map(int, text_ids), vocab.break_id]
+
+
+def unconditional_prompt(vocab: Vocab, retrieved: Sequence[Document] | None = None) -> list[int]:
+    """CFG's unconditional stream `</s> [retrieved docs] <sentinel:0> <break>` (the caption dropped)."""
+    return retrieved_prefix(retrieved, vocab) + [vocab.sentinel_id(0), vocab.break_id]
+
+
+def edit_prompts(prefix_ids, source_codes, instruction_ids, vocab: Vocab) -> tuple[list[int], list[int], list[int]]:
+    """The three instruct-CFG streams for the editing template (PAPER.md section 7):
+    full     `</s> prefix <break> I_src <break> instruction <break>`
+    img_cond `</s> prefix <break> I_src <break> <sentinel:0> <break>`   (instruction dropped)
+    uncond   `</s> <sentinel:0> <break>`                                 (everything dropped)"""
+    source = vocab.codes_to_ids(np.asarray(source_codes, dtype=np.int64)).tolist()
+    head = [EOS_ID, *map(int, prefix_ids), vocab.break_id, *source, vocab.break_id]
+    full = head + [*map(int, instruction_ids), vocab.break_id]
+    img_cond = head + [vocab.sentinel_id(0), vocab.break_id]
+    return full, img_cond, unconditional_prompt(vocab)
+
+
+def infill_prompt(ids, spans: Sequence[tuple[int, int]], vocab: Vocab) -> list[int]:
+    """CM3 infilling prompt: mask `spans` of `ids` (cm3_apply_spans) and stop right after the first
+    appended `<sentinel:0>`, where the model writes span 0 up to `<eoss>`. What the spans hold in
+    `ids` is irrelevant (a placeholder)."""
+    ex = cm3_apply_spans(np.asarray(ids, dtype=np.int64), spans, vocab, truncate=False)
+    out = ex.ids.tolist()
+    s0 = vocab.sentinel_id(0)
+    first = out.index(s0)
+    return out[: out.index(s0, first + 1) + 1]
+
+
+def caption_prompt(codes, vocab: Vocab, text_before: Sequence[int] = (), text_after: Sequence[int] = (),
+                   image_first: bool = False, retrieved: Sequence[Document] | None = None) -> list[int]:
+    """Image -> text by infilling: the query document `text_before <span> text_after <break> I` (or
+    the image first) with the span masked, cut after the appended `<sentinel:0>` where the model
+    writes the text up to `<eoss>`:
+    `</s> [retrieved docs] text_before <sentinel:0> text_after <break> I </s> <sentinel:0>`."""
+    text = [*map(int, text_before), UNK_ID, *map(int, text_after)]  # UNK_ID: the span's placeholder
+    image = vocab.codes_to_ids(np.asarray(codes, dtype=np.int64)).tolist()
+    doc = [*image, vocab.break_id, *text] if image_first else [*text, vocab.break_id, *image]
+    prefix = retrieved_prefix(retrieved, vocab)
+    start = len(prefix) + (len(image) + 1 if image_first else 0) + len(text_before)
+    return infill_prompt(prefix + doc + [EOS_ID], [(start, start + 1)], vocab)
+
+
+def image_infill_prompt(codes, spans: Sequence[tuple[int, int]], vocab: Vocab, text_ids=None) -> list[int]:
+    """Regenerate code spans [(start, end), ...] of an image: `</s> [caption <break>] I </s>` with the
+    spans masked, cut after the appended `<sentinel:0>`."""
+    text = [] if text_ids is None else [*map(int, text_ids), vocab.break_id]
+    off = 1 + len(text)
+    seq = [EOS_ID, *text, *vocab.codes_to_ids(np.asarray(codes, dtype=np.int64)).tolist(), EOS_ID]
+    return infill_prompt(seq, [(s + off, e + off) for s, e in spans], vocab)
 
 
 def pad_batch(seqs: list[np.ndarray], pad_id: int, pad_to: int | None = None) -> np.ndarray:

@@ -15,7 +15,6 @@ shards made with a different tokenizer; `NNNNNN.stats.json` holds each shard's c
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 from dataclasses import dataclass
@@ -74,20 +73,6 @@ def decode_sample(raw: dict) -> TokenSample:
         codes=_npy_load(raw["codes.npy"]),
         clip=_npy_load(raw["clip.npy"]) if "clip.npy" in raw else None,
     )
-
-
-def file_sha256(path: str | Path, limit: int | None = None) -> str:
-    """Hex sha256 of a file (of its first `limit` bytes when given)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        remaining = limit
-        while chunk := f.read(1 << 20 if remaining is None else min(1 << 20, remaining)):
-            h.update(chunk)
-            if remaining is not None:
-                remaining -= len(chunk)
-                if remaining <= 0:
-                    break
-    return h.hexdigest()
 
 
 def write_meta(out_dir: str | Path, meta: dict) -> None:

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cm3leon.errors import UsageError
+
 # ---- vocabulary ------------------------------------------------------------------------------
 KINDS = ("circle", "square", "triangle")
 # Shape colours: far from each other and from every background (min pairwise RGB distance ~95).
@@ -221,7 +223,7 @@ def parse_caption(text: str) -> Scene:
 class WorldConfig:
     """What defines a generated world (conf/make_world.yaml). out_dir/num_workers do not change content."""
 
-    out_dir: str = ""
+    out_dir: str  # the raw folder: {train,val}/NNNNNN.tar + manifest.json (required: the library knows no checkout)
     seed: int = 0
     n_train: int = 20_000
     n_val: int = 1_000
@@ -336,9 +338,7 @@ def world_config(cfg: Mapping | WorldConfig | None = None, **overrides) -> World
         values = {k: cfg[k] for k in WorldConfig.__dataclass_fields__ if k in cfg}
     values.update(overrides)
     if not values.get("out_dir"):
-        from cm3leon import PROJECT_ROOT
-
-        values["out_dir"] = str(PROJECT_ROOT / "data" / "world" / "raw")
+        raise UsageError("the embedded world's out_dir is not set: pass out_dir=FOLDER (the configs give ${paths.world_dir}/raw)")
     return WorldConfig(**values)
 
 

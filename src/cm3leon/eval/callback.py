@@ -1,31 +1,38 @@
-"""`FIDCallback`: image-generation metrics during training, every N optimizer steps.
+"""`SampleCallback`: the one sampling callback of training. It generates images for held-out
+captions (the DataModule's first validation samples, always the same ones), saves a grid, logs it
+to every logger with `log_image` (W&B), and computes the metrics asked for.
 
     callbacks:
-      fid:
-        _target_: cm3leon.eval.callback.FIDCallback
+      samples:                              # conf/callbacks/default.yaml: a grid + caption accuracy
+        _target_: cm3leon.eval.callback.SampleCallback   # after every validation
+        n_images: 16
+        metrics: [caption_acc]
+      fid:                                  # the same callback as an FID monitor every 1000 steps
+        _target_: cm3leon.eval.callback.SampleCallback
         every_n_steps: 1000
         n_images: 256
-        feature_space: tiny_clip          # the embedded world; inception for natural images
+        metrics: [frechet, clip_score, caption_acc]
+        feature_space: tiny_clip            # the embedded world; inception for natural images
+        prefix: eval
 
-Each evaluation generates `n_images` images for held-out captions (the DataModule's first
-validation samples, always the same ones), then logs under `eval/`:
-- `fd_tiny_clip` (Frechet distance in the tiny CLIP image tower's space, `cm3leon.eval.frechet`)
-  or `fid` (torch-fidelity Inception, `feature_space="inception"`, needs its weights), and the
-  matching kernel distance;
+Metrics (logged as `<prefix>/<name>`):
+- `frechet`: `fd_tiny_clip` (Frechet distance in the tiny CLIP image tower's space,
+  `cm3leon.eval.frechet`) or `fid` (torch-fidelity Inception, `feature_space="inception"`, needs its
+  weights), and the matching kernel distance;
 - `clip_score` (100 x mean max(cos, 0), the configured open_clip model);
-- `caption_acc` (the pixel checker; embedded world captions only);
-- a sample grid: `<run dir>/eval/step_XXXXXXX.png` (+ captions json), and to every logger that has
-  `log_image` (W&B).
-Reference images: `reference=` (a folder or a uint8 array), else for embedded-world captions the
-scenes drawn exactly, else the validation images' own codes decoded by the image tokenizer (so the
-distance then measures the LM alone, not the tokenizer). Features of the reference set are cached
-under `<run dir>/eval/cache` (content-hashed), so each evaluation extracts only the new samples.
-Runs on global rank 0 (the model must not be sharded: DDP yes, FSDP no).
+- `caption_acc` (the pixel checker; embedded-world captions only, skipped for others).
+Reference images for `frechet`: `reference=` (a folder or a uint8 array), else for embedded-world
+captions the scenes drawn exactly, else the validation images' own codes decoded by the image
+tokenizer (so the distance then measures the LM alone, not the tokenizer). Features of the
+reference set are cached under `<run dir>/<subdir>/cache` (content-hashed).
+Runs on global rank 0 (the model must not be sharded: DDP yes, FSDP no). Generation goes through
+`cm3leon.generation` (the same tasks and tokenizer loader as `src/generate.py`).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
@@ -36,12 +43,15 @@ from lightning.pytorch.utilities import rank_zero_only
 from cm3leon.retrieval.clip_encoder import SHIPPED_WORLD_CLIP
 from cm3leon.retrieval.tiny_clip import TINY_CLIP
 
+METRICS = ("frechet", "clip_score", "caption_acc")
 
-class FIDCallback(L.Callback):
+
+class SampleCallback(L.Callback):
     """Args:
-        every_n_steps: evaluate when trainer.global_step is a multiple of this (and at fit end
-            when `at_fit_end`).
         n_images: held-out captions, one image each.
+        every_n_steps: sample when trainer.global_step is a multiple of this; None: after every
+            validation (and at fit end when `at_fit_end`).
+        metrics: any of METRICS (empty: the grid alone).
         feature_space: tiny_clip (Frechet distance in `clip_model`'s image space) | inception (FID).
         clip_model, clip_pretrained: open_clip model (and weights: tag or file) for the CLIP score
             and the tiny_clip feature space.
@@ -49,25 +59,32 @@ class FIDCallback(L.Callback):
         reference: folder or uint8 array [N, H, W, 3] of real images (see module docstring).
         resize: {'method', 'size'} stage-1 resize protocol (default: to the tokenizer's resolution).
         decoding: `DecodingConfig` fields (default: plain sampling, temperature 1).
-        check_captions: log the pixel checker's caption accuracy when captions are world captions.
         batch_size: samples per model forward.
         grid_images: images in the logged grid.
+        prefix: metric namespace (`val/caption_acc`, `eval/fid`, ...).
+        subdir: where grids go under the run folder (`<run dir>/<subdir>/step_XXXXXXX.png`).
     """
 
-    def __init__(self, every_n_steps: int = 1000, n_images: int = 64, feature_space: str = "tiny_clip",
-                 clip_model: str = TINY_CLIP, clip_pretrained: str | None = SHIPPED_WORLD_CLIP,
-                 inception_weights: str | None = None, reference=None, resize: dict | None = None,
-                 decoding: dict | None = None, check_captions: bool = True, batch_size: int = 64,
-                 grid_images: int = 16, seed: int = 0, at_fit_end: bool = False, prefix: str = "eval"):
+    def __init__(self, n_images: int = 16, every_n_steps: int | None = None, metrics: Sequence[str] = ("caption_acc",),
+                 feature_space: str = "tiny_clip", clip_model: str = TINY_CLIP,
+                 clip_pretrained: str | None = SHIPPED_WORLD_CLIP, inception_weights: str | None = None,
+                 reference=None, resize: dict | None = None, decoding: dict | None = None, batch_size: int = 64,
+                 grid_images: int = 16, seed: int = 0, at_fit_end: bool = False, prefix: str = "val",
+                 subdir: str = "samples"):
+        self.metrics = tuple(metrics or ())
+        unknown = sorted(set(self.metrics) - set(METRICS))
+        if unknown:
+            raise ValueError(f"SampleCallback metrics {unknown} are not in {list(METRICS)}")
         if feature_space not in ("tiny_clip", "inception"):
-            raise ValueError(f"FIDCallback feature_space={feature_space!r} is not tiny_clip or inception")
-        if n_images < 2:
-            raise ValueError(f"FIDCallback n_images={n_images}: a Frechet distance needs at least 2 images")
-        self.every, self.n_images, self.feature_space = int(every_n_steps), int(n_images), feature_space
+            raise ValueError(f"SampleCallback feature_space={feature_space!r} is not tiny_clip or inception")
+        if "frechet" in self.metrics and n_images < 2:
+            raise ValueError(f"SampleCallback n_images={n_images}: a Frechet distance needs at least 2 images")
+        self.every = None if every_n_steps is None else int(every_n_steps)
+        self.n_images, self.feature_space = int(n_images), feature_space
         self.clip_model, self.clip_pretrained, self.inception_weights = clip_model, clip_pretrained, inception_weights
         self.reference, self.resize, self.decoding = reference, resize, dict(decoding or {})
-        self.check_captions, self.batch_size, self.grid_images = check_captions, int(batch_size), int(grid_images)
-        self.seed, self.at_fit_end, self.prefix = int(seed), at_fit_end, prefix
+        self.batch_size, self.grid_images = int(batch_size), int(grid_images)
+        self.seed, self.at_fit_end, self.prefix, self.subdir = int(seed), at_fit_end, prefix, subdir
         self._last_step = -1
         self._space = None
         self._scorer = None
@@ -78,45 +95,51 @@ class FIDCallback(L.Callback):
     # ---- hooks ---------------------------------------------------------------------------------
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if step > 0 and step % self.every == 0 and step != self._last_step:
+        if self.every and step > 0 and step % self.every == 0 and step != self._last_step:
             self._last_step = step
-            self._evaluate_rank_zero(trainer, pl_module)
+            self._sample_rank_zero(trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if self.every is None and not trainer.sanity_checking and trainer.global_step != self._last_step:
+            self._last_step = trainer.global_step
+            self._sample_rank_zero(trainer, pl_module)
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if self.at_fit_end and trainer.global_step != self._last_step:
             self._last_step = trainer.global_step
-            self._evaluate_rank_zero(trainer, pl_module)
+            self._sample_rank_zero(trainer, pl_module)
 
     @rank_zero_only
-    def _evaluate_rank_zero(self, trainer, pl_module) -> None:
+    def _sample_rank_zero(self, trainer, pl_module) -> None:
         metrics = self.evaluate(trainer, pl_module)
-        for logger in trainer.loggers:
-            logger.log_metrics({f"{self.prefix}/{k}": v for k, v in metrics.items()}, step=trainer.global_step)
-        # also in callback_metrics (progress bar, ModelCheckpoint's monitor on rank 0)
-        for k, v in metrics.items():
-            trainer.callback_metrics[f"{self.prefix}/{k}"] = torch.tensor(v)
+        named = {f"{self.prefix}/{k}": v for k, v in metrics.items()}
+        if named:
+            for logger in trainer.loggers:
+                logger.log_metrics(named, step=trainer.global_step)
+        # also in callback_metrics (progress bar, the run's summary, ModelCheckpoint's monitor on rank 0)
+        for k, v in named.items():
+            trainer.callback_metrics[k] = torch.tensor(v)
 
     # ---- the evaluation --------------------------------------------------------------------------
     def _image_tokenizer(self, dm, device):
         if self._tokenizer is None:
-            from cm3leon.eval.generation import resolve_path
+            from cm3leon.generation.pipeline import tokenizer_path
             from cm3leon.tokenizers.image_tokenizer import ImageTokenizer
 
-            self._tokenizer = ImageTokenizer.from_checkpoint(resolve_path(dm.meta["image_tokenizer"]["path"]),
-                                                             device=device)
+            self._tokenizer = ImageTokenizer.from_checkpoint(tokenizer_path(dm.meta, "image_tokenizer"), device=device)
         return self._tokenizer
 
     def _models(self, device):
-        """(feature space, CLIP scorer), built once."""
-        if self._scorer is None:
+        """(feature space or None, CLIP scorer or None), built once."""
+        if self._scorer is None and ("clip_score" in self.metrics or "frechet" in self.metrics):
             from cm3leon.eval.clip_score import ClipScorer
 
             self._scorer = ClipScorer(self.clip_model, self.clip_pretrained, device=str(device))
-            if self.feature_space == "tiny_clip":
+            if "frechet" in self.metrics and self.feature_space == "tiny_clip":
                 from cm3leon.eval.frechet import ClipImageSpace
 
                 self._space = ClipImageSpace(encoder=self._scorer.encoder)
-            else:
+            elif "frechet" in self.metrics:
                 from cm3leon.eval.fid import InceptionSpace
 
                 self._space = InceptionSpace(self.inception_weights, device=str(device))
@@ -138,16 +161,16 @@ class FIDCallback(L.Callback):
     @torch.no_grad()
     def evaluate(self, trainer, pl_module) -> dict:
         """Generate, score, save and log the grid; returns the metrics (without the prefix)."""
-        from torchvision.utils import make_grid, save_image
-
-        from cm3leon.decoding import DecodingConfig, generate_images
         from cm3leon.eval.fid import ResizeProtocol, compare_image_sets
+        from cm3leon.generation.grid import save_grid
+        from cm3leon.generation.sampling import DecodingConfig
+        from cm3leon.generation.tasks import generate_images
         from cm3leon.tokenizers.image_processing import postprocess
 
         dm = trainer.datamodule
         samples = dm.val_samples(self.n_images)
-        if len(samples) < 2:
-            raise ValueError(f"FIDCallback: the validation set has {len(samples)} samples; need at least 2")
+        if len(samples) < (2 if "frechet" in self.metrics else 1):
+            raise ValueError(f"SampleCallback: the validation set has {len(samples)} samples; not enough for {self.metrics}")
         captions = [s.caption for s in samples]
         device = pl_module.device
         tokenizer = self._image_tokenizer(dm, device)
@@ -163,15 +186,17 @@ class FIDCallback(L.Callback):
         images = tokenizer.decode(codes)  # float [N, 3, R, R] in [-1, 1]
         uint8 = postprocess(images)  # [N, R, R, 3]
         space, scorer = self._models(device)
-        resize = ResizeProtocol.from_dict(self.resize or {"method": "lanczos", "size": tokenizer.resolution})
-        out_dir = Path(trainer.default_root_dir) / "eval"
-        res = compare_image_sets(uint8, self._reference(captions, samples, tokenizer), space, resize=resize,
-                                 cache_dir=out_dir / "cache", kid_subsets=20)
-        name = "fd_tiny_clip" if self.feature_space == "tiny_clip" else "fid"
-        kd = "kd_tiny_clip" if self.feature_space == "tiny_clip" else "kid"
-        metrics = {name: res["frechet"], kd: res["kid_mean"]}
-        metrics["clip_score"] = scorer(list(uint8), captions)["clip_score"]
-        if self.check_captions:
+        out_dir = Path(trainer.default_root_dir) / self.subdir
+        metrics: dict = {}
+        if "frechet" in self.metrics:
+            resize = ResizeProtocol.from_dict(self.resize or {"method": "lanczos", "size": tokenizer.resolution})
+            res = compare_image_sets(uint8, self._reference(captions, samples, tokenizer), space, resize=resize,
+                                     cache_dir=out_dir / "cache", kid_subsets=20)
+            name, kd = ("fd_tiny_clip", "kd_tiny_clip") if self.feature_space == "tiny_clip" else ("fid", "kid")
+            metrics.update({name: res["frechet"], kd: res["kid_mean"]})
+        if "clip_score" in self.metrics:
+            metrics["clip_score"] = scorer(list(uint8), captions)["clip_score"]
+        if "caption_acc" in self.metrics:
             from cm3leon.data.checker import caption_accuracy
 
             try:
@@ -179,10 +204,8 @@ class FIDCallback(L.Callback):
             except ValueError:  # not world captions: nothing to check from pixels
                 pass
         # the grid, on disk and to W&B
-        out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / f"step_{trainer.global_step:07d}.png"
         k = min(self.grid_images, len(images))
-        save_image(make_grid((images[:k] + 1) / 2, nrow=min(8, k), padding=2, pad_value=1.0), path)
+        path = save_grid(images[:k], out_dir / f"step_{trainer.global_step:07d}.png")
         (out_dir / f"step_{trainer.global_step:07d}.json").write_text(json.dumps({"captions": captions[:k], **metrics}))
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):  # WandbLogger

@@ -18,19 +18,6 @@ from pathlib import Path
 import numpy as np
 
 
-def resolve_weights(pretrained: str | Path | None) -> str | None:
-    """A weights file relative to the repository root (e.g. the shipped `data/shipped/world_clip.pt`)
-    when it is not found from the working directory; open_clip tags are returned unchanged."""
-    if not pretrained:
-        return None
-    from cm3leon import PROJECT_ROOT
-
-    p = Path(str(pretrained)).expanduser()
-    if not p.is_absolute() and not p.is_file() and (PROJECT_ROOT / p).is_file():
-        return str(PROJECT_ROOT / p)
-    return str(pretrained)
-
-
 class ClipScorer:
     """An open_clip model (by name + pretrained tag or local file) that scores (image, caption) pairs.
 
@@ -41,7 +28,7 @@ class ClipScorer:
         if encoder is None:
             from cm3leon.retrieval.clip_encoder import DocumentEncoder
 
-            encoder = DocumentEncoder(model_name, pretrained=resolve_weights(pretrained), device=device,
+            encoder = DocumentEncoder(model_name, pretrained=pretrained, device=device,
                                       batch_size=batch_size)
         self.encoder = encoder
 
@@ -50,7 +37,7 @@ class ClipScorer:
         return self.encoder.pair_cosines(images, captions, who="CLIP score", noun="captions")
 
     def describe(self) -> dict:
-        from cm3leon.eval.fid import file_sha256
+        from cm3leon.utils import file_sha256
 
         p = Path(str(self.encoder.pretrained))
         return {

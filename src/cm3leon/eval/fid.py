@@ -38,6 +38,7 @@ import torch
 from PIL import Image
 
 from cm3leon.tokenizers.image_processing import to_pil, to_rgb
+from cm3leon.utils import file_sha256
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp")
 LOSSY_EXTS = ("jpg", "jpeg", "webp")
@@ -207,12 +208,6 @@ class FeatureSpace(Protocol):
     def features(self, images: ImageSet) -> np.ndarray: ...
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class FeatureCache:

@@ -20,9 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from cm3leon.eval.fid import ImageSet, ImageSource, ResizeProtocol, compare_image_sets, evaluator_versions, file_sha256
+from cm3leon.eval.fid import ImageSet, ImageSource, ResizeProtocol, compare_image_sets, evaluator_versions
 from cm3leon.retrieval.clip_encoder import SHIPPED_WORLD_CLIP
 from cm3leon.retrieval.tiny_clip import TINY_CLIP
+from cm3leon.utils import file_sha256
 
 
 def metric_tag(model_name: str) -> str:
@@ -41,9 +42,7 @@ class ClipImageSpace:
         if encoder is None:
             from cm3leon.retrieval.clip_encoder import DocumentEncoder
 
-            from cm3leon.eval.clip_score import resolve_weights
-
-            encoder = DocumentEncoder(model_name, pretrained=resolve_weights(pretrained), device=device,
+            encoder = DocumentEncoder(model_name, pretrained=pretrained, device=device,
                                       batch_size=batch_size)
         self.encoder = encoder
         self.model_name = encoder.model_name

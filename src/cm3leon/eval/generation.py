@@ -3,7 +3,8 @@ sets themselves are in `cm3leon.eval.prompts`).
 
     prompts = coco_prompts("captions_val2014.json", n=30_000, seed=0)        # or world_prompts(...)
     module = GenerationModule(ckpt_path, out_dir / "images", decoding={...}, samples_per_caption=8,
-                              rerank={"enabled": True, "model_name": "ViT-B-32", "pretrained": "..."})
+                              rerank={"enabled": True, "model_name": "ViT-B-32", "pretrained": "..."},
+                              retrieval={"k": 2, "dir": None})        # the checkpoint's memory bank
     pending = pending_prompts(prompts, out_dir / "images")                  # resumable: skip what exists
     L.Trainer(devices="auto").predict(module, prompt_loader(pending, 4), return_predictions=False)
 
@@ -19,7 +20,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -56,33 +58,6 @@ def prompt_loader(prompts: Sequence[Prompt], captions_per_batch: int) -> torch.u
                                        collate_fn=_as_list)
 
 
-def resolve_path(path: str | Path) -> Path:
-    """Absolute as given, else relative to the repository root (paths recorded in checkpoints)."""
-    from cm3leon import PROJECT_ROOT
-
-    p = Path(path).expanduser()
-    return p if p.is_absolute() else PROJECT_ROOT / p
-
-
-def load_lm(ckpt_path: str | Path):
-    """(CM3LeonLM in eval mode on CPU, Vocab, data_meta dict) from a CM3LeonLitModule checkpoint."""
-    from cm3leon.lit.lm_module import CM3LeonLitModule
-
-    module = CM3LeonLitModule.load_from_checkpoint(str(ckpt_path), map_location="cpu")
-    return module.model.eval().requires_grad_(False), module.vocab, dict(module.hparams.get("data_meta") or {})
-
-
-def tokenizer_paths(meta: dict, image_tokenizer: str | None = None, text_tokenizer: str | None = None) -> tuple[Path, Path]:
-    """The (image, text) tokenizer files: the overrides, else those recorded in the checkpoint."""
-    out = []
-    for key, given in (("image_tokenizer", image_tokenizer), ("text_tokenizer", text_tokenizer)):
-        path = given or (meta.get(key) or {}).get("path")
-        if not path:
-            raise FileNotFoundError(f"the checkpoint records no {key}; pass {key}=PATH")
-        out.append(resolve_path(path))
-    return out[0], out[1]
-
-
 def batch_seed(seed: int, first_index: int) -> int:
     """The sampling seed of a predict batch (a pure function of the run seed and its first prompt)."""
     return (int(seed) * 1_000_003 + int(first_index)) % (2**63 - 1)
@@ -103,8 +78,9 @@ class GenerationModule(L.LightningModule):
         images_dir: where `{index:06d}.png` go.
         decoding: `DecodingConfig` fields (conf/decoding/*.yaml).
         samples_per_caption: N; with N > 1 `rerank.enabled` must be true.
-        rerank: {enabled, model_name, pretrained} (open_clip; `cm3leon.rerank.ClipReranker`).
-        retrieval: {retriever: a hydra node with retrieve(text, k) -> documents, or None; k}.
+        rerank: {enabled, model_name, pretrained} (open_clip; `cm3leon.generation.rerank.ClipReranker`).
+        retrieval: the `conf/retrieval` node ({k, dir}; null: what the checkpoint was trained with),
+            see `cm3leon.generation.pipeline`.
         max_rows: samples per model forward (each carries its unconditional stream with CFG).
         precision: auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32.
         image_tokenizer / text_tokenizer: override the tokenizer files recorded in the checkpoint.
@@ -115,8 +91,7 @@ class GenerationModule(L.LightningModule):
                  seed: int = 0, max_rows: int = 64, precision: str = "auto", cuda_graph: bool = False,
                  image_tokenizer: str | None = None, text_tokenizer: str | None = None):
         super().__init__()
-        from cm3leon.decoding import DecodingConfig
-        from cm3leon.tokenizers.text_tokenizer import TextTokenizer
+        from cm3leon.generation.sampling import DecodingConfig
 
         self.decoding = DecodingConfig.from_dict(decoding or {})
         self.n = int(samples_per_caption)
@@ -124,63 +99,45 @@ class GenerationModule(L.LightningModule):
         if self.n > 1 and not self.rerank_cfg.get("enabled"):
             raise ValueError(f"samples_per_caption={self.n} needs rerank.enabled=true (the best sample per caption "
                              "is kept by CLIP score)")
-        self.retrieval_cfg = dict(retrieval or {})
+        self.load_kwargs = {"ckpt": ckpt_path, "precision": precision, "image_tokenizer": image_tokenizer,
+                            "text_tokenizer": text_tokenizer, "retrieval": dict(retrieval or {})}
         self.images_dir = Path(images_dir)
-        self.seed, self.max_rows, self.precision, self.cuda_graph = int(seed), int(max_rows), precision, cuda_graph
-        self.lm, self.vocab, meta = load_lm(ckpt_path)
-        self.image_tokenizer_path, text_path = tokenizer_paths(meta, image_tokenizer, text_tokenizer)
-        self.text_tok = TextTokenizer.from_file(text_path)
-        self.image_tok = None  # built on the right device in on_predict_start
+        self.seed, self.max_rows, self.cuda_graph = int(seed), int(max_rows), cuda_graph
+        self.pipe = None  # loaded on the predict device in on_predict_start
         self.reranker = None
-        self.retriever = None
         self.n_written = 0
 
     def on_predict_start(self) -> None:
-        from cm3leon.tokenizers.image_tokenizer import ImageTokenizer
+        from cm3leon.generation.pipeline import load_pipeline
 
-        precision = self.precision
-        if precision == "auto":
-            precision = "bf16" if self.device.type == "cuda" else "fp32"
-        self.lm.to({"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision])
-        self.image_tok = ImageTokenizer.from_checkpoint(self.image_tokenizer_path, device=self.device)
-        if self.image_tok.n_codes != self.vocab.n_image_codes:
-            raise ValueError(f"image tokenizer {self.image_tokenizer_path} has {self.image_tok.n_codes} codes but the "
-                             f"model was trained with {self.vocab.n_image_codes}; pass the matching image_tokenizer=PATH")
+        self.pipe = load_pipeline(device=str(self.device), **self.load_kwargs)
         if self.n > 1:
-            from cm3leon.rerank import ClipReranker
+            from cm3leon.generation.rerank import ClipReranker
 
             self.reranker = ClipReranker(self.rerank_cfg["model_name"], str(self.rerank_cfg["pretrained"]),
                                          device=str(self.device))
-        node = self.retrieval_cfg.get("retriever")
-        if node and int(self.retrieval_cfg.get("k", 0)) > 0:
-            import hydra
-
-            self.retriever = hydra.utils.instantiate(node)
         self.images_dir.mkdir(parents=True, exist_ok=True)
 
     def predict_step(self, batch: list[dict], batch_idx: int) -> int:
         """Generate N samples for each prompt of the batch, keep the best, write it. Returns #written."""
-        from cm3leon.decoding import generate_images
-        from cm3leon.rerank import best_per_prompt
+        from cm3leon.generation.rerank import best_per_prompt
+        from cm3leon.generation.tasks import generate_images
         from cm3leon.tokenizers.image_processing import postprocess_pil
 
         todo = [b for b in batch if not image_path(self.images_dir, b["index"]).is_file()]  # resumable
         if not todo:
             return 0
-        n = self.n
+        n, pipe = self.n, self.pipe
         captions = [b["caption"] for b in todo for _ in range(n)]  # prompt-major: p's samples at p*n..
-        ids = [np.asarray(self.text_tok.encode(c), dtype=np.int64) for c in captions]
-        retrieved = None
-        if self.retriever is not None:
-            k = int(self.retrieval_cfg["k"])
-            docs = [list(self.retriever.retrieve(b["caption"], k)) for b in todo]
-            retrieved = [d for d in docs for _ in range(n)]
+        ids = [np.asarray(t, dtype=np.int64) for t in pipe.encode_captions(captions)]
+        docs = pipe.retrieve([b["caption"] for b in todo])  # by the prompt text, once per prompt
+        retrieved = None if docs is None else [d for d in docs for _ in range(n)]
         codes = generate_images(
-            self.lm, self.vocab, ids, self.image_tok.tokens_per_image, decoding=self.decoding,
+            pipe.model, pipe.vocab, ids, pipe.tokens_per_image, decoding=self.decoding,
             seed=batch_seed(self.seed, todo[0]["index"]), retrieved=retrieved, batch_size=self.max_rows,
             cuda_graph=self.cuda_graph,
         )
-        images = postprocess_pil(self.image_tok.decode(codes))
+        images = postprocess_pil(pipe.image_tokenizer.decode(codes))
         best = np.arange(len(todo)) * n
         if n > 1:
             best = best_per_prompt(self.reranker.scores(images, captions), n)

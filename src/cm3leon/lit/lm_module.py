@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torchmetrics import Metric, SumMetric
 
 from cm3leon.data.sequences import IGNORE_INDEX
+from cm3leon.errors import UsageError
 from cm3leon.model import CM3LeonLM, ModelConfig
 from cm3leon.vocab import Vocab
 
@@ -50,28 +51,57 @@ class TokenCounts(Metric):
 
 class CM3LeonLitModule(L.LightningModule):
     """Args:
-        model: ModelConfig fields (conf/model/*.yaml); vocab_size is taken from `vocab`.
-        vocab: `Vocab.to_dict()` of the training data.
-        optim: {lr, betas, eps, weight_decay, warmup_steps, final_lr_ratio, max_steps}.
+        model: ModelConfig fields (conf/model/*.yaml; its `recipe` is ignored); vocab_size is taken
+            from `vocab`.
+        vocab: `Vocab.to_dict()` of the training data. None (training from `conf/train.yaml`): taken
+            from the trainer's DataModule once it has prepared its data, when Lightning calls
+            `configure_model`; it is then saved in the hyperparameters with `data_meta`, so that
+            `load_from_checkpoint` builds the model at once.
+        optim: {lr, betas, eps, weight_decay, warmup_steps, final_lr_ratio} (conf/optim).
         compile: wrap the model in torch.compile.
-        data_meta: the token shards' meta.json (tokenizer paths and hashes, tokens per image), kept
-            in the checkpoint so that generation and evaluation find the matching tokenizers.
+        data_meta: the token shards' meta.json (tokenizer paths and hashes, tokens per image) and the
+            retrieval settings, kept in the checkpoint so that generation and evaluation find the
+            matching tokenizers and memory bank (default: the DataModule's `data_meta()`).
     """
 
-    def __init__(self, model: dict, vocab: dict, optim: dict, compile: bool = False, data_meta: dict | None = None):
+    def __init__(
+        self,
+        model: dict,
+        vocab: dict | None = None,
+        optim: dict | None = None,
+        compile: bool = False,
+        data_meta: dict | None = None,
+    ):
         super().__init__()
         self.save_hyperparameters()
-        self.vocab = Vocab.from_dict(vocab)
-        self.config = ModelConfig.from_dict(dict(model), vocab_size=self.vocab.size)
-        self.model = CM3LeonLM(self.config)
-        self.optim = dict(optim)
-        self._compiled = torch.compile(self.model) if compile else self.model
+        self.optim = dict(optim or {})
+        self.vocab: Vocab | None = None
+        self.model: CM3LeonLM | None = None
         self.flops_per_batch = 0  # read by lightning's ThroughputMonitor (MFU)
+        if vocab is not None:
+            self._build(Vocab.from_dict(vocab))
+
+    def configure_model(self) -> None:
+        """Build the model from the DataModule's vocabulary (after its prepare_data and setup)."""
+        if self.model is not None:
+            return
+        dm = self.trainer.datamodule
+        if dm is None:
+            raise UsageError("CM3LeonLitModule without vocab= needs a CM3DataModule: trainer.fit(module, datamodule=dm)")
+        vocab = dm.load_meta()
+        self.hparams.update(vocab=vocab.to_dict(), data_meta=self.hparams.get("data_meta") or dm.data_meta())
+        self._build(vocab)
+
+    def _build(self, vocab: Vocab) -> None:
+        self.vocab = vocab
+        self.config = ModelConfig.from_dict(dict(self.hparams.model), vocab_size=vocab.size)
+        self.model = CM3LeonLM(self.config)
+        self._compiled = torch.compile(self.model) if self.hparams.compile else self.model
         # validation loss sums per target kind: all / text / image / structure
         self.val_sums = torch.nn.ModuleDict({k: SumMetric() for k in ("all", "text", "image", "struct")})
         self.val_counts = torch.nn.ModuleDict({k: SumMetric() for k in ("all", "text", "image", "struct")})
         # counts of every validation target id: the unigram baseline's loss is their entropy
-        self.val_unigram = TokenCounts(self.vocab.size)
+        self.val_unigram = TokenCounts(vocab.size)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, V]."""

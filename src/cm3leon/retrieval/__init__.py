@@ -8,22 +8,30 @@ that put retrieved documents before a query at training and generation time.
     token_store.py   bank row/key -> (text ids, image codes), memory-mapped
     neighbours.py    the selection rule, the offline build (`src/build_index.py`), build_neighbour_source
     retriever.py     Retriever: prompt text -> documents, for generation and evaluation
+    protocol.py      the one retrieval protocol: documents(queries, k, rng) -> list[list[Document]]
 
 open_clip is imported only where a model is built (it takes seconds to import).
 """
 
-from cm3leon.retrieval.clip_encoder import DocumentEncoder, document_vectors
-from cm3leon.retrieval.neighbours import build_neighbour_source, build_retrieval, select_neighbours
-from cm3leon.retrieval.retriever import Retrieved, Retriever
-from cm3leon.retrieval.token_store import TokenStore
+# Names resolve on first use (PEP 562), so that `cm3leon.retrieval.protocol` imports nothing heavy.
+_EXPORTS = {
+    "DocumentEncoder": "cm3leon.retrieval.clip_encoder",
+    "document_vectors": "cm3leon.retrieval.clip_encoder",
+    "build_neighbour_source": "cm3leon.retrieval.neighbours",
+    "build_retrieval": "cm3leon.retrieval.neighbours",
+    "select_neighbours": "cm3leon.retrieval.neighbours",
+    "DocumentSource": "cm3leon.retrieval.protocol",
+    "RetrievalQuery": "cm3leon.retrieval.protocol",
+    "Retrieved": "cm3leon.retrieval.retriever",
+    "Retriever": "cm3leon.retrieval.retriever",
+    "TokenStore": "cm3leon.retrieval.token_store",
+}
+__all__ = sorted(_EXPORTS)
 
-__all__ = [
-    "DocumentEncoder",
-    "Retrieved",
-    "Retriever",
-    "TokenStore",
-    "build_neighbour_source",
-    "build_retrieval",
-    "document_vectors",
-    "select_neighbours",
-]
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'cm3leon.retrieval' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

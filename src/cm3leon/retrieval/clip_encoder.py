@@ -29,6 +29,8 @@ import torch
 from cm3leon.retrieval.tiny_clip import TINY_CLIP, register_tiny_clip
 from cm3leon.tokenizers.image_processing import ImageLike, to_pil, to_rgb
 
+# the shipped world CLIP, relative to the working directory (the checkout, where `make` runs); the
+# configs pass absolute paths (${paths.shipped_dir})
 SHIPPED_WORLD_CLIP = "data/shipped/world_clip.pt"
 _WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz")
 
@@ -180,7 +182,7 @@ class DocumentEncoder:
 
     def describe(self) -> dict:
         """What made the vectors (recorded beside the memory bank, checked by every query side)."""
-        from cm3leon.data.token_shards import file_sha256
+        from cm3leon.utils import file_sha256
 
         sha = file_sha256(self.pretrained) if Path(self.pretrained).is_file() else None
         return {

@@ -27,9 +27,11 @@ Files, `<tokens>/retrieval/` (or `retrieval.dir`):
     bank/doc.npy                  float16 [N, dim] bank document vectors; bank/index.faiss
     store/                        the bank's tokens by row (TokenStore)
 
-Training (`build_neighbour_source`): per example, the pool of the sample's key is shuffled with
-the example's own generator and the first `k` documents are returned (so a resumed stream
-yields the same documents); the DataModule lays them out before the query.
+Training (`NeighbourPool`, the training `DocumentSource`): per example, the pool of the sample's key
+is shuffled with the example's own generator and the first `k` documents are returned (so a resumed
+stream yields the same documents); the DataModule lays them out before the query. The DataModule
+makes the files when missing (`ensure_retrieval`, in its prepare_data) and opens them
+(`NeighbourPool.from_config`, in its setup).
 """
 
 from __future__ import annotations
@@ -39,19 +41,20 @@ import json
 import os
 import time
 import zlib
-from collections import Counter
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from cm3leon.data.checked_reader import iter_checked_samples
+from cm3leon.data.checked_reader import iter_raw_samples
 from cm3leon.data.raw_shards import list_shards
 from cm3leon.data.sequences import Document
-from cm3leon.data.token_shards import TokenSample, decode_sample, read_meta
+from cm3leon.data.token_shards import decode_sample, read_meta
 from cm3leon.data.token_stream import read_token_shard, shard_sample_count
-from cm3leon.retrieval.index import IndexConfig, KeyMap, build_index, load_index
+from cm3leon.errors import UsageError
+from cm3leon.retrieval.index import IndexConfig, KeyMap, build_index
+from cm3leon.retrieval.protocol import RetrievalQuery
 from cm3leon.retrieval.token_store import TokenStore, write_token_store
 
 MANIFEST = "manifest.json"
@@ -100,7 +103,7 @@ class RetrievalConfig:
 
 
 def build_command(token_dir: str | Path) -> str:
-    return f"`python src/build_index.py tokens_dir={token_dir} world=false`"
+    return f"`python src/build_index.py tokens_dir={token_dir} embedded_world=false`"
 
 
 # ---- the selection rule ----------------------------------------------------------------------
@@ -187,7 +190,7 @@ def embed_split(encoder, split_dir: Path, out: Path, cfg: RetrievalConfig, split
         if name not in raw:
             raise FileNotFoundError(f"raw shard {name} (the images of token shard {shard}) not found; pass raw_dir=...")
         wanted = {s.key for s in samples}
-        images = {s.key: s.image for s in iter_checked_samples(raw[name], Counter(), 1) if s.key in wanted}
+        images = {s.key: s.image for s in iter_raw_samples(raw[name]) if s.key in wanted}
         missing = wanted - images.keys()
         if missing:
             raise ValueError(f"raw shard {raw[name]} lacks {len(missing)} samples of {shard} (e.g. {min(missing)}); preprocess again")
@@ -328,7 +331,7 @@ def read_manifest(folder: Path, token_dir: str | Path) -> dict:
         raise FileNotFoundError(f"retrieval files {path} not found: build them with {build_command(token_dir)}")
     manifest = json.loads(path.read_text())
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: retrieval format {manifest.get('format_version')} != {FORMAT_VERSION}; rebuild with {build_command(token_dir)}")
+        raise UsageError(f"{path}: retrieval format {manifest.get('format_version')} != {FORMAT_VERSION}; rebuild with {build_command(token_dir)}")
     return manifest
 
 
@@ -347,7 +350,7 @@ def stale_reason(retrieval_cfg, token_dir: str | Path) -> str | None:
     enc, want = manifest["encoder"], cfg.encoder
     pretrained = str(want.get("pretrained"))
     if Path(pretrained).is_file():
-        from cm3leon.data.token_shards import file_sha256
+        from cm3leon.utils import file_sha256
 
         same = enc["pretrained_sha256"] == file_sha256(pretrained)
     else:
@@ -371,7 +374,7 @@ def ensure_retrieval(retrieval_cfg, token_dir: str | Path, build_missing: bool =
     if reason is None:
         return folder
     if not build_missing:
-        raise ValueError(f"retrieval files in {folder} are stale ({reason}); rebuild with {build_command(token_dir)}")
+        raise UsageError(f"retrieval files in {folder} are stale ({reason}); rebuild with {build_command(token_dir)}")
     print(f"[retrieval] building the retrieval files ({reason}) into {folder}", flush=True)
     build_retrieval(cfg, token_dir)
     return folder
@@ -379,19 +382,27 @@ def ensure_retrieval(retrieval_cfg, token_dir: str | Path, build_missing: bool =
 
 # ---- the training-time source ----------------------------------------------------------------
 class NeighbourPool:
-    """(TokenSample, rng) -> k retrieved Documents: the sample's pool, shuffled by rng, first k.
+    """The training document source (`cm3leon.retrieval.protocol.DocumentSource`): a query's
+    `key` -> k documents of that sample's offline pool, drawn with the caller's generator.
 
-    Opens its memory-mapped files on first call, so it pickles small into DataLoader workers.
+    Opens its memory-mapped files on first use, so it pickles small into DataLoader workers.
     """
 
-    def __init__(self, folder: str | Path, k: int, splits: list[str]):
-        self.folder, self.k, self.splits = Path(folder), int(k), list(splits)
+    def __init__(self, folder: str | Path, splits: list[str]):
+        self.folder, self.splits = Path(folder), list(splits)
         self.store = TokenStore(self.folder / "store")
         for s in self.splits:
             for f in (self.folder / s / "neighbours.npy", self.folder / s / "keys.npy"):
                 if not f.is_file():
                     raise FileNotFoundError(f"neighbour file {f} not found: build it with `python src/build_index.py`")
         self._maps = None
+
+    @classmethod
+    def from_config(cls, retrieval_cfg, token_dir: str | Path) -> "NeighbourPool":
+        """The pool of `conf/retrieval/*.yaml`'s files for the token splits `<token_dir>/{train,val}`
+        (made by `ensure_retrieval` or `python src/build_index.py`; not checked for staleness here)."""
+        cfg = RetrievalConfig.from_any(retrieval_cfg)
+        return cls(cfg.folder(token_dir), list(cfg.query_splits))
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_maps": None}
@@ -416,22 +427,21 @@ class NeighbourPool:
             "shards; rebuild them with `python src/build_index.py`"
         )
 
-    def __call__(self, sample: TokenSample, rng: np.random.Generator) -> list[Document]:
-        pool = self.pool(sample.key)
-        if self.k <= 0 or len(pool) == 0:
-            return []
-        return self.store.documents(rng.permutation(pool)[: self.k])
-
-
-def build_neighbour_source(retrieval_cfg, token_dir: str | Path, build_missing: bool = False) -> NeighbourPool | None:
-    """The DataModule's `neighbours` for `retrieval_cfg` (None when k == 0: no retrieval).
-
-    token_dir: the folder holding the token splits (`<token_dir>/{train,val}`), i.e. the parent of
-    data.train_dir. build_missing: build the retrieval files when missing or stale (the embedded
-    world); otherwise that is an error naming the command.
-    """
-    cfg = RetrievalConfig.from_any(retrieval_cfg)
-    if cfg.k <= 0:
-        return None
-    folder = ensure_retrieval(cfg, token_dir, build_missing=build_missing)
-    return NeighbourPool(folder, cfg.k, list(cfg.query_splits))
+    def documents(
+        self, queries: Sequence[RetrievalQuery], k: int, rng: np.random.Generator | None = None
+    ) -> list[list[Document]]:
+        """Per query (by `key`), k documents of its pool: the pool shuffled by `rng` (the example's
+        own generator, so that a resumed stream draws the same documents), or in stored order (best
+        first per query kind) without one. Fewer when the pool is shorter."""
+        out = []
+        for q in queries:
+            if q.key is None:
+                raise ValueError("NeighbourPool answers training queries by sample key (RetrievalQuery.key); "
+                                 "retrieval by prompt text is the Retriever's")
+            pool = self.pool(q.key)
+            if k <= 0 or len(pool) == 0:
+                out.append([])
+                continue
+            picked = rng.permutation(pool)[:k] if rng is not None else pool[:k]
+            out.append(self.store.documents(picked))
+        return out

@@ -4,7 +4,7 @@ generation and FID time, retrieval is by the prompt text only; no query dropout)
     retriever = Retriever("data/world/tokens/retrieval")          # encoder and rules from its manifest
     hits = retriever.retrieve(["a large red circle in the top left on a white background"], k=2)
     hits[0][0].key, hits[0][0].score, hits[0][0].document         # Document(text_ids, codes)
-    docs = retriever.documents(prompts, k=2)                      # list[list[Document]] for the sampler
+    docs = retriever.documents([RetrievalQuery(text=p) for p in prompts], k=2)   # the protocol
 
 The same selection rule as training (`select_neighbours`): candidates with relevance above
 `max_relevance` and duplicates of picked documents are skipped; fewer than k survivors among
@@ -13,6 +13,7 @@ The same selection rule as training (`select_neighbours`): candidates with relev
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import numpy as np
 from cm3leon.data.sequences import Document
 from cm3leon.retrieval.index import load_index
 from cm3leon.retrieval.neighbours import RetrievalConfig, read_manifest, select_neighbours
+from cm3leon.retrieval.protocol import RetrievalQuery
 from cm3leon.retrieval.token_store import TokenStore
 
 
@@ -92,8 +94,10 @@ class Retriever:
         cfg = RetrievalConfig.from_any(retrieval_cfg)
         return cls(cfg.folder(token_dir), k=kwargs.pop("k", cfg.k) or 2, **kwargs)
 
-    def retrieve(self, prompts: list[str], k: int | None = None) -> list[list[Retrieved]]:
-        """Up to k documents per prompt, most relevant first."""
+    def retrieve(self, prompts: Sequence[str], k: int | None = None) -> list[list[Retrieved]]:
+        """Up to k documents per prompt text, most relevant first, with their keys and scores."""
+        if isinstance(prompts, str):
+            raise TypeError("Retriever.retrieve takes a list of prompt texts, not one string")
         k = self.k if k is None else k
         if not prompts or k <= 0:
             return [[] for _ in prompts]
@@ -112,6 +116,15 @@ class Retriever:
             out.append(hits)
         return out
 
-    def documents(self, prompts: list[str], k: int | None = None) -> list[list[Document]]:
-        """Just the documents (what `build_sequence` takes as `retrieved`)."""
-        return [[h.document for h in hits] for hits in self.retrieve(prompts, k)]
+    def documents(self, queries: Sequence[RetrievalQuery | str], k: int | None = None,
+                  rng: np.random.Generator | None = None) -> list[list[Document]]:
+        """The retrieval protocol (`cm3leon.retrieval.protocol`): up to k documents per query, by
+        its text (queries may also be plain strings). `rng` is unused: inference retrieval is
+        deterministic (no query dropout)."""
+        texts = []
+        for q in queries:
+            text = q if isinstance(q, str) else q.text
+            if not text:
+                raise ValueError(f"Retriever answers queries by their text; got {q!r} (inference retrieves by the prompt)")
+            texts.append(text)
+        return [[h.document for h in hits] for hits in self.retrieve(texts, k)]

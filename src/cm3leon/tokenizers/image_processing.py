@@ -7,13 +7,13 @@ Postprocessing: [-1, 1] floats -> uint8 HWC arrays or PIL images.
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
-ImageLike = Union[Image.Image, np.ndarray]
+ImageLike = Image.Image | np.ndarray
 
 
 def to_pil(image: ImageLike) -> Image.Image:

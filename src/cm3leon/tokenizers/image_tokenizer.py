@@ -7,28 +7,33 @@
 
 Checkpoints: a Lightning .ckpt (`state_dict`, keys possibly prefixed, e.g. `vqgan.`), a plain torch
 .pt/.pth/.ckpt state dict, or .safetensors. Architecture, first match wins: `config=` (a yaml path, a
-dict, a `VQGANConfig`, or a name tiny|paper256|chameleon512 from conf/tokenizer/), a yaml beside the
-checkpoint with the same stem, or the hyperparameters stored in a Lightning checkpoint. Flat yamls
-(our conf/tokenizer/*.yaml) and taming/Chameleon yamls (`model.params.ddconfig`) are both read.
+dict, a `VQGANConfig`, or a name tiny|paper256|chameleon512 of the package's configs, `CONFIG_DIR`),
+a yaml beside the checkpoint with the same stem, or the hyperparameters stored in a Lightning
+checkpoint. Flat yamls (the package's, holding what differs from `VQGANConfig`'s defaults) and
+taming/Chameleon yamls (`model.params.ddconfig`) are both read. `save_vqgan` writes the weights and
+the yaml that `from_checkpoint` reads back.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
+from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping, Sequence, Union
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from cm3leon import PROJECT_ROOT
 from cm3leon.tokenizers.image_processing import ImageLike, postprocess_pil, preprocess_batch
 from cm3leon.tokenizers.vqgan import VQ_KEY_PREFIXES, VQGANConfig, VQModel
 
 log = logging.getLogger(__name__)
 
-CONFIG_DIR = PROJECT_ROOT / "conf" / "tokenizer"
-ConfigLike = Union[None, str, Path, Mapping[str, Any], VQGANConfig, DictConfig]
+# The named architectures ship with the package; the folder above this one is also a Hydra search
+# path (conf/train_tokenizer.yaml), where they form the `tokenizer` config group.
+CONFIG_DIR = resources.files("cm3leon.tokenizers") / "configs" / "tokenizer"
+ConfigLike = None | str | Path | Mapping[str, Any] | VQGANConfig | DictConfig
 
 
 def resolve_config(config: ConfigLike) -> VQGANConfig:
@@ -42,12 +47,14 @@ def resolve_config(config: ConfigLike) -> VQGANConfig:
         if path.suffix not in (".yaml", ".yml"):
             named = CONFIG_DIR / f"{config}.yaml"
             if not named.is_file():
-                known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+                known = sorted(p.name.removesuffix(".yaml") for p in CONFIG_DIR.iterdir() if p.name.endswith(".yaml"))
                 raise ValueError(f"unknown tokenizer config {config!r}: give a yaml path or one of {known}")
-            path = named
-        if not path.is_file():
+            config = OmegaConf.create(named.read_text(encoding="utf-8"))
+        elif not path.is_file():
             raise FileNotFoundError(f"tokenizer config not found: {path}")
-        config = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+        else:
+            config = OmegaConf.load(path)
+        config = OmegaConf.to_container(config, resolve=True)
     if isinstance(config, Mapping):
         return VQGANConfig.from_dict(dict(config))
     raise TypeError(f"cannot read a VQGAN config from {type(config).__name__}")
@@ -61,7 +68,7 @@ def _load_container(path: Path) -> dict[str, Any]:
         return load_file(str(path), device="cpu")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - older Lightning/taming checkpoints pickle more than tensors
+    except Exception as e:
         log.debug("weights_only load of %s failed (%s); loading the full pickle", path, e)
         return torch.load(path, map_location="cpu", weights_only=False)
 
@@ -106,6 +113,19 @@ def _vq_state_dict_of(obj: Any) -> dict[str, torch.Tensor]:
 def read_vq_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The taming-key VQModel weights of a file (.ckpt / .pt / .safetensors), no architecture needed."""
     return _vq_state_dict_of(_load_container(Path(path)))
+
+
+def save_vqgan(model: VQModel, path: str | Path, note: str = "") -> Path:
+    """Write the VQModel weights ({"state_dict": taming keys}) to `path` and its architecture, in the
+    taming/Chameleon yaml layout, beside it (`path` with a .yaml suffix); `note` becomes its header."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}, path)
+    header = f"# VQGAN architecture for {path.name} (taming/Chameleon yaml layout).\n"
+    header += "".join(f"# {line}\n" for line in note.splitlines())
+    yaml_text = OmegaConf.to_yaml(OmegaConf.create(model.cfg.to_taming_yaml_dict()))
+    path.with_suffix(".yaml").write_text(header + yaml_text)
+    return path
 
 
 class ImageTokenizer:

@@ -29,7 +29,12 @@ VQ_KEY_PREFIXES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "q
 
 @dataclass
 class VQGANConfig:
-    """Architecture of a taming VQModel (field names are taming's `ddconfig` names + n_embed, embed_dim)."""
+    """Architecture of a taming VQModel (field names are taming's `ddconfig` names + n_embed, embed_dim).
+
+    The defaults are the paper's tokenizer (256 px -> 32x32 codes, 8192 entries), written only here:
+    the named configs (`configs/tokenizer/*.yaml`) hold what differs, and Hydra composes them onto
+    this dataclass (its schema, `cm3leon.lit.vqgan_module.register_configs`).
+    """
 
     ch: int = 128
     ch_mult: tuple[int, ...] = (1, 1, 2, 4)
@@ -197,7 +202,7 @@ class Encoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, 1, 1)
-        in_mult = (1,) + cfg.ch_mult
+        in_mult = (1, *cfg.ch_mult)
         res = cfg.resolution
         self.down = nn.ModuleList()
         for i, mult in enumerate(cfg.ch_mult):
@@ -339,7 +344,7 @@ class VQModel(nn.Module):
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """codes [B, h, w] (or [B, h*w] for a square grid) -> images [B, 3, R, R] (unclamped)"""
         if codes.dim() == 2:
-            side = int(round(codes.shape[1] ** 0.5))
+            side = round(codes.shape[1] ** 0.5)
             if side * side != codes.shape[1]:
                 raise ValueError(f"cannot make a square code grid from {codes.shape[1]} codes")
             codes = codes.view(codes.shape[0], side, side)
