@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from project import PROJECT_ROOT
 from cm3leon.tokenizers import ImageTokenizer
 from cm3leon.tokenizers.image_processing import postprocess, preprocess, resize_center_crop, to_rgb
+from project import PROJECT_ROOT
 
 SHIPPED = PROJECT_ROOT / "data" / "shipped" / "world_vqgan.ckpt"
 SMALL = dict(ch=32, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[], z_channels=8, embed_dim=4,
@@ -57,7 +57,7 @@ def test_preprocess_range_and_roundtrip():
     arr = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
     x = preprocess(arr, 16)
     assert x.shape == (3, 16, 16) and x.dtype == torch.float32
-    assert -1 <= x.min() and x.max() <= 1
+    assert x.min() >= -1 and x.max() <= 1
     assert np.array_equal(postprocess(x), arr)  # [-1, 1] -> uint8 is the exact inverse
     assert postprocess(x[None]).shape == (1, 16, 16, 3)
     with pytest.raises(ValueError, match="uint8"):
@@ -90,7 +90,7 @@ def test_shipped_world_vqgan_loads_and_round_trips_codes():
     assert tok.resolution == 64 and tok.tokens_per_image == 64
     images, _ = _world_val(32)
     codes = tok.encode(images)
-    assert codes.shape == (32, 64) and 0 <= int(codes.min()) and int(codes.max()) < tok.n_codes
+    assert codes.shape == (32, 64) and int(codes.min()) >= 0 and int(codes.max()) < tok.n_codes
     rec = tok.decode(codes)
     assert rec.shape == (32, 3, 64, 64) and float(rec.min()) >= -1 and float(rec.max()) <= 1
 
@@ -105,7 +105,7 @@ def _shipped_reconstruction_scores(n: int) -> dict:
     assert tok.resolution == 64 and tok.tokens_per_image == 64
     images, captions = _world_val(n)
     codes = tok.encode(images)
-    assert codes.shape == (n, 64) and 0 <= int(codes.min()) and int(codes.max()) < tok.n_codes
+    assert codes.shape == (n, 64) and int(codes.min()) >= 0 and int(codes.max()) < tok.n_codes
     assert caption_accuracy(images, captions)["accuracy"] == 1.0  # the checker reads the originals
     acc = caption_accuracy(postprocess(tok.decode(codes)), captions)
     return {**acc, "codes_used": len(torch.unique(codes)), "n_codes": tok.n_codes}

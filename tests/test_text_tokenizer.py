@@ -49,5 +49,5 @@ def test_rejects_tokenizer_with_wrong_special_ids(tmp_path):
 
 
 def test_missing_file_message(tmp_path):
-    with pytest.raises(FileNotFoundError, match="train_bpe.py"):
+    with pytest.raises(FileNotFoundError, match=r"train_bpe\.py"):
         TextTokenizer.from_file(tmp_path / "nope.json")

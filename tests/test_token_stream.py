@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 import webdataset as wds
 from torch.utils.data import DataLoader
 

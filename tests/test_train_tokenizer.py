@@ -231,3 +231,15 @@ def test_init_from_a_missing_file_is_one_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"init_from=.*nope\.ckpt"):
         train(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_checkpoints_from_before_the_loss_module_still_load():
+    """Checkpoints written when the discriminator was `module.discriminator` (now `module.loss.discriminator`)."""
+    kw = dict(tokenizer=TINY16, loss={"disc_enabled": True, "disc_ndf": 8, "disc_layers": 2})
+    old = VQGANModule(**kw)
+    checkpoint = {"state_dict": {k.removeprefix("loss."): v for k, v in old.state_dict().items()}}
+    assert any(k.startswith("discriminator.") for k in checkpoint["state_dict"])
+    new = VQGANModule(**kw)
+    new.on_load_checkpoint(checkpoint)
+    new.load_state_dict(checkpoint["state_dict"], strict=True)
+    assert torch.equal(new.loss.discriminator.main[0].weight, old.loss.discriminator.main[0].weight)

@@ -8,7 +8,6 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from project import PROJECT_ROOT
 from cm3leon.data.checked_reader import iter_raw_samples
 from cm3leon.data.raw_shards import list_shards
 from cm3leon.data.world import (
@@ -28,6 +27,8 @@ from cm3leon.data.world import (
     scene_for,
     world_is_complete,
 )
+from cm3leon.errors import UsageError
+from project import PROJECT_ROOT
 
 SCENES = [scene_for(0, "train", i) for i in range(3000)]
 
@@ -162,24 +163,18 @@ def test_ensure_world_is_idempotent_and_repairs_partial_output(tmp_path, capsys)
     assert json.loads((raw / "manifest.json").read_text())["counts"]["train"] == 13
 
 
-def compose(name: str, overrides: list[str]):
-    """A script's config as Hydra composes it (without running the script)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
-        return hydra_compose(name, overrides=overrides)
+def test_the_library_needs_an_out_dir():
+    with pytest.raises(UsageError, match="out_dir"):
+        ensure_world(n_train=4)  # the library knows no checkout: the configs give the folder
 
 
-def test_make_world_config_defaults_and_rerun(tmp_path, capsys):
+def test_make_world_config_defaults_and_rerun(tmp_path, capsys, compose_config):
     import make_world
 
-    default = compose("make_world", [])
+    default = compose_config("make_world", [])
     assert (default.seed, default.n_train, default.n_val, default.shard_size) == (0, 20000, 1000, 500)
     assert default.out_dir == str(PROJECT_ROOT / "data" / "world" / "raw")
-    cfg = compose("make_world", [f"out_dir={tmp_path / 'raw'}", "n_train=30", "n_val=10", "shard_size=8"])
+    cfg = compose_config("make_world", [f"out_dir={tmp_path / 'raw'}", "n_train=30", "n_val=10", "shard_size=8"])
     make_world.run(cfg)
     assert '"train": 30' in capsys.readouterr().out and len(list_shards(tmp_path / "raw" / "train")) == 4
     make_world.run(cfg)

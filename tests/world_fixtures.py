@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from project import PROJECT_ROOT
 from cm3leon.data.preprocess import PreprocessConfig, preprocess_split
 from cm3leon.data.world import ensure_world
+from project import PROJECT_ROOT
 
 SHIPPED = PROJECT_ROOT / "data" / "shipped"
 SHIPPED_VQ = SHIPPED / "world_vqgan.ckpt"

@@ -27,8 +27,9 @@ the same forward then gives each row its own position ids and padding mask.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.nn as nn

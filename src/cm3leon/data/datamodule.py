@@ -139,7 +139,8 @@ class CM3DataModule(L.LightningDataModule):
         """What the checkpoint records about the data: the token shards' meta.json (tokenizer paths
         and hashes, tokens per image) and, with retrieval on, {'retrieval': {'k', 'folder'}} (the
         memory bank generate.py retrieves from by default)."""
-        meta = dict(self.meta or {})
+        self.load_meta()
+        meta = dict(self.meta)
         if self.retrieval is not None:
             meta["retrieval"] = {"k": self.retrieval.k, "folder": str(self.retrieval.folder(self.tokens_dir).resolve())}
         return meta

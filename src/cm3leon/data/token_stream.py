@@ -21,7 +21,6 @@ by their sample count (from preprocessing's stats sidecar) without reading them.
 
 from __future__ import annotations
 
-import io
 import json
 import tarfile
 from collections.abc import Callable, Iterator
