@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+ROOT = Path(__file__).resolve().parents[1]  # the checkout (the library does not know it)
+
 # section -> (module, function, takes a device argument)
 SECTIONS = {
     "vq": ("cm3leon.bench.vq", "bench_vq", True),
@@ -40,9 +42,8 @@ def _world_vocab_size() -> int:
 
     from cm3leon.bench.generate import world_vocab_size
 
-    root = Path(__file__).resolve().parents[1]
-    n_sentinels = int(OmegaConf.load(root / "conf" / "data" / "world.yaml").vocab.n_sentinels)
-    return world_vocab_size(root / "data/shipped/world_bpe.json", root / "data/shipped/world_vqgan.ckpt", n_sentinels)
+    n_sentinels = int(OmegaConf.load(ROOT / "conf" / "data" / "world.yaml").vocab.n_sentinels)
+    return world_vocab_size(ROOT / "data/shipped/world_bpe.json", ROOT / "data/shipped/world_vqgan.ckpt", n_sentinels)
 
 
 def main() -> None:
@@ -57,10 +58,14 @@ def main() -> None:
         mod, fn, takes_device = SECTIONS[name]
         func = getattr(importlib.import_module(mod), fn)
         t0 = time.perf_counter()
-        kwargs = {"vocab_size": _world_vocab_size()} if name == "generate" else {}
+        kwargs = {"conf_dir": ROOT / "conf"} if name in ("train", "generate") else {}
+        if name == "generate":
+            kwargs["vocab_size"] = _world_vocab_size()
         result = func(args.device, **kwargs) if takes_device else func(**kwargs)
-        print(json.dumps({"bench": name, "device": args.device, **result, "wall_s": round(time.perf_counter() - t0, 1)}),
-              flush=True)
+        print(
+            json.dumps({"bench": name, "device": args.device, **result, "wall_s": round(time.perf_counter() - t0, 1)}),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -93,8 +93,14 @@ def run(cfg: DictConfig) -> dict:
         if docs is not None:
             print(f"[generate] {len(docs[0])} retrieved documents from {pipe.retriever.folder} go before the prompt")
         codes = tasks.generate_images(
-            pipe.model, pipe.vocab, pipe.encode_captions([cfg.prompt]) * n, pipe.tokens_per_image, decoding=decoding,
-            seed=seed, retrieved=None if docs is None else docs * n, batch_size=int(cfg.batch_size),
+            pipe.model,
+            pipe.vocab,
+            pipe.encode_captions([cfg.prompt]) * n,
+            pipe.tokens_per_image,
+            decoding=decoding,
+            seed=seed,
+            retrieved=None if docs is None else docs * n,
+            batch_size=int(cfg.batch_size),
             cuda_graph=bool(cfg.cuda_graph),
         )
         images = image_tok.decode(codes)
@@ -106,8 +112,14 @@ def run(cfg: DictConfig) -> dict:
             reranker = ClipReranker(cfg.rerank.model_name, cfg.rerank.pretrained, device=device)
             scores = reranker.scores(postprocess_pil(images), [cfg.prompt] * n).tolist()
         grid = save_samples(out_dir, images, "sample", scores)
-        summary.update(prompt=cfg.prompt, n=n, grid=str(grid), n_retrieved=len(docs[0]) if docs else 0,
-                       decoding=decoding.to_dict(), clip_scores=scores)
+        summary.update(
+            prompt=cfg.prompt,
+            n=n,
+            grid=str(grid),
+            n_retrieved=len(docs[0]) if docs else 0,
+            decoding=decoding.to_dict(),
+            clip_scores=scores,
+        )
         (out_dir / "samples.json").write_text(json.dumps(summary, indent=1))
     elif cfg.task in ("caption", "vqa"):
         codes = image_tok.encode([_open_image(cfg.image)])
@@ -118,8 +130,14 @@ def run(cfg: DictConfig) -> dict:
             before, after = text_tok.encode(f"Question: {cfg.question} Answer:"), text_tok.encode(".")
         n = n if float(cfg.caption.temperature) > 0 else 1  # greedy: one answer
         ids = tasks.caption_images(
-            pipe.model, pipe.vocab, codes.repeat(n, 1), text_before=before, text_after=after,
-            max_len=int(cfg.caption.max_len), temperature=float(cfg.caption.temperature), top_p=cfg.caption.top_p,
+            pipe.model,
+            pipe.vocab,
+            codes.repeat(n, 1),
+            text_before=before,
+            text_after=after,
+            max_len=int(cfg.caption.max_len),
+            temperature=float(cfg.caption.temperature),
+            top_p=cfg.caption.top_p,
             seed=seed,
         )
         texts = [text_tok.decode(t).strip() for t in ids]
@@ -129,8 +147,13 @@ def run(cfg: DictConfig) -> dict:
     elif cfg.task == "edit":
         src = image_tok.encode([_open_image(cfg.image)])
         codes = tasks.edit_images(
-            pipe.model, pipe.vocab, text_tok.encode(cfg.edit.prefix), src.repeat(n, 1),
-            [text_tok.encode(cfg.prompt)] * n, decoding=decoding, seed=seed,
+            pipe.model,
+            pipe.vocab,
+            text_tok.encode(cfg.edit.prefix),
+            src.repeat(n, 1),
+            [text_tok.encode(cfg.prompt)] * n,
+            decoding=decoding,
+            seed=seed,
         )
         grid = save_samples(out_dir, image_tok.decode(codes), "edit")
         summary.update(prompt=cfg.prompt, image=str(cfg.image), grid=str(grid), decoding=decoding.to_dict())
@@ -146,8 +169,15 @@ def run(cfg: DictConfig) -> dict:
             raise UsageError(str(e)) from None
         text = [text_tok.encode(cfg.prompt)] * n if cfg.prompt else None
         codes = tasks.infill_images(
-            pipe.model, pipe.vocab, src.repeat(n, 1), spans, text_ids=text, temperature=decoding.temperature,
-            top_p=decoding.top_p, top_k=decoding.top_k, seed=seed,
+            pipe.model,
+            pipe.vocab,
+            src.repeat(n, 1),
+            spans,
+            text_ids=text,
+            temperature=decoding.temperature,
+            top_p=decoding.top_p,
+            top_k=decoding.top_k,
+            seed=seed,
         )
         grid = save_samples(out_dir, image_tok.decode(codes), "infill")
         summary.update(image=str(cfg.image), region=region, grid=str(grid))

@@ -21,10 +21,7 @@ import os
 from omegaconf import DictConfig
 
 from cm3leon.cli import hydra_entry
-from cm3leon.config import register_configs
 from cm3leon.lit.recipe import accumulation, dry_run
-
-register_configs()  # conf/model/*.yaml build on `model_schema` (until cm3leon.cli.hydra_entry does this)
 
 # Lightning and torch are imported inside train(), so that a dry run answers in seconds.
 

@@ -29,7 +29,9 @@ def main(cfg: DictConfig) -> None:
     captions = itertools.islice(iter_raw_captions(shards, skipped), cfg.max_docs)
     tok = train_bpe(captions, cfg.vocab_size, cfg.min_frequency)
     tok.save(cfg.out)
-    print(json.dumps({"out": str(cfg.out), "vocab_size": tok.vocab_size, "shards": len(shards), "skipped": dict(skipped)}))
+    print(
+        json.dumps({"out": str(cfg.out), "vocab_size": tok.vocab_size, "shards": len(shards), "skipped": dict(skipped)})
+    )
 
 
 if __name__ == "__main__":

@@ -37,11 +37,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from cm3leon.cli import hydra_entry
-from cm3leon.lit.vqgan_module import register_configs
 from cm3leon.tokenizers.image_tokenizer import read_vq_state_dict, save_vqgan
 
 log = logging.getLogger(__name__)
-register_configs()  # the schemas conf/train_tokenizer.yaml composes onto
 
 
 def train(cfg: DictConfig) -> dict:
@@ -52,7 +50,9 @@ def train(cfg: DictConfig) -> dict:
     L.seed_everything(int(cfg.seed), workers=True)
 
     dm = hydra.utils.instantiate(cfg.data)
-    module = hydra.utils.instantiate(cfg.module, tokenizer=OmegaConf.to_container(cfg.tokenizer, resolve=True), _convert_="all")
+    module = hydra.utils.instantiate(
+        cfg.module, tokenizer=OmegaConf.to_container(cfg.tokenizer, resolve=True), _convert_="all"
+    )
     if cfg.init_from and not cfg.ckpt_path:
         n_old = module.load_vq_weights(read_vq_state_dict(cfg.init_from))
         log.info("started from %s (%d codes -> %d)", cfg.init_from, n_old, module.cfg.n_embed)

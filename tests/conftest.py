@@ -59,4 +59,9 @@ def tiny_eval_run(tmp_path_factory) -> dict:
     from eval_builders import make_tiny_clip, make_tiny_lm, make_tiny_vqgan
 
     vq = make_tiny_vqgan(root / "vqgan.pt")
-    return {"root": root, "vqgan": vq, "ckpt": make_tiny_lm(root / "lm.ckpt", vq), "clip": make_tiny_clip(root / "clip.pt")}
+    return {
+        "root": root,
+        "vqgan": vq,
+        "ckpt": make_tiny_lm(root / "lm.ckpt", vq),
+        "clip": make_tiny_clip(root / "clip.pt"),
+    }

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+
 from project import CONF_DIR, SHIPPED_DIR
 
 CONF = CONF_DIR
@@ -54,20 +55,32 @@ def make_tiny_lm(path: Path, vqgan: Path, max_seq_len: int = 128, retrieval: dic
 
     n_codes = ImageTokenizer.from_checkpoint(vqgan).n_codes
     vocab = Vocab(text_size=text.vocab_size, n_image_codes=n_codes, n_sentinels=16)
-    optim = dict(lr=1e-3, betas=[0.9, 0.95], eps=1e-8, weight_decay=0.1, warmup_steps=1, final_lr_ratio=0.1, max_steps=1)
+    optim = dict(
+        lr=1e-3, betas=[0.9, 0.95], eps=1e-8, weight_decay=0.1, warmup_steps=1, final_lr_ratio=0.1, max_steps=1
+    )
     meta = {"tokens_per_image": 64, "image_tokenizer": {"path": str(vqgan)}, "text_tokenizer": {"path": str(BPE)}}
     if retrieval:
         meta["retrieval"] = retrieval
     torch.manual_seed(0)
-    module = CM3LeonLitModule(model=dict(name="test", n_layer=2, d_model=64, n_head=2, max_seq_len=max_seq_len),
-                              vocab=vocab.to_dict(), optim=optim, data_meta=meta)
+    module = CM3LeonLitModule(
+        model=dict(name="test", n_layer=2, d_model=64, n_head=2, max_seq_len=max_seq_len),
+        vocab=vocab.to_dict(),
+        optim=optim,
+        data_meta=meta,
+    )
     # zero-initialised residual outputs make a fresh model ignore its prompt: give them weights
     with torch.no_grad():
         for p in module.model.parameters():
             if p.dim() == 2 and float(p.abs().sum()) == 0:
                 p.normal_(std=0.02)
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
-                "pytorch-lightning_version": L.__version__}, path)
+    torch.save(
+        {
+            "state_dict": module.state_dict(),
+            "hyper_parameters": dict(module.hparams),
+            "pytorch-lightning_version": L.__version__,
+        },
+        path,
+    )
     return path
 
 
@@ -80,10 +93,20 @@ def compose_eval(overrides: list[str]):
 def embedded_overrides(run: dict, log_dir: Path, n: int = 4) -> list[str]:
     clip = str(run["clip"])
     return [
-        "eval=embedded", f"ckpt={run['ckpt']}", f"paths.log_dir={log_dir}", f"cache_dir={log_dir / 'cache'}",
-        f"eval.n_captions={n}", "eval.samples_per_caption=2", "captions_per_batch=4", "progress=false",
-        f"eval.feature_clip.pretrained={clip}", f"eval.rerank.pretrained={clip}", f"eval.clip_score.pretrained={clip}",
-        "fid.kid_subsets=5", "trainer.accelerator=cpu", "trainer.devices=1",
+        "eval=embedded",
+        f"ckpt={run['ckpt']}",
+        f"paths.log_dir={log_dir}",
+        f"cache_dir={log_dir / 'cache'}",
+        f"eval.n_captions={n}",
+        "eval.samples_per_caption=2",
+        "captions_per_batch=4",
+        "progress=false",
+        f"eval.feature_clip.pretrained={clip}",
+        f"eval.rerank.pretrained={clip}",
+        f"eval.clip_score.pretrained={clip}",
+        "fid.kid_subsets=5",
+        "trainer.accelerator=cpu",
+        "trainer.devices=1",
     ]
 
 

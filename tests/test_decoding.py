@@ -5,18 +5,32 @@ import numpy as np
 import pytest
 import torch
 
-from cm3leon.data.sequences import Document
-from cm3leon.data.sequences import edit_prompts, infill_prompt, text_to_image_prompt, unconditional_prompt
+from cm3leon.data.sequences import Document, edit_prompts, infill_prompt, text_to_image_prompt, unconditional_prompt
 from cm3leon.generation.rerank import best_per_prompt
 from cm3leon.generation.sampling import (
-    DecodingConfig, Picker, cdk_candidates, cdk_scores, filter_top_k, filter_top_p, guided_logits, id_mask,
+    DecodingConfig,
+    Picker,
+    cdk_candidates,
+    cdk_scores,
+    filter_top_k,
+    filter_top_p,
+    guided_logits,
+    id_mask,
     instruct_cfg_logits,
     mixed_rows,
 )
 from cm3leon.generation.session import DecodeSession, sample_fixed, sample_until
-from cm3leon.generation.tasks import caption_images, edit_images, generate, generate_images, image_region_spans, infill_images
+from cm3leon.generation.tasks import (
+    caption_images,
+    edit_images,
+    generate,
+    generate_images,
+    image_region_spans,
+    infill_images,
+)
 from cm3leon.model import CM3LeonLM, ModelConfig
 from cm3leon.vocab import EOS_ID, UNK_ID, Vocab
+from project import CONF_DIR
 
 VOCAB = Vocab(text_size=40, n_image_codes=32, n_sentinels=4)  # 72 base ids + specials -> 80 rows
 TPI = 16  # tokens per image of the toy tokenizer (a 4x4 code grid)
@@ -31,12 +45,20 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-
 def tiny_model(attn_impl: str = "sdpa", seed: int = 0) -> CM3LeonLM:
     """A small random model with non-zero residual outputs, so that every layer does something."""
     torch.manual_seed(seed)
-    cfg = ModelConfig(n_layer=2, d_model=32, n_head=2, vocab_size=VOCAB.size, max_seq_len=128,
-                      zero_init_residual_out=False, init_std=0.1, pos_init_std=0.1, attn_impl=attn_impl)
+    cfg = ModelConfig(
+        n_layer=2,
+        d_model=32,
+        n_head=2,
+        vocab_size=VOCAB.size,
+        max_seq_len=128,
+        zero_init_residual_out=False,
+        init_std=0.1,
+        pos_init_std=0.1,
+        attn_impl=attn_impl,
+    )
     return CM3LeonLM(cfg).eval()
 
 
@@ -156,16 +178,19 @@ def test_truncation_on_the_conditional_stream_samples_guided_probabilities_over_
     expect = torch.zeros(12).masked_scatter(keep, guided[0][keep].softmax(-1))
     n = 20000
     streams = torch.stack([cond, uncond]).expand(2, n, 12)
-    picked = Picker(DecodingConfig(guidance_scale=w, top_p=p, truncate_on="conditional"),
-                    torch.Generator().manual_seed(0))(streams)
+    picked = Picker(
+        DecodingConfig(guidance_scale=w, top_p=p, truncate_on="conditional"), torch.Generator().manual_seed(0)
+    )(streams)
     freq = torch.bincount(picked, minlength=12).double() / n
     assert freq[~keep].sum() == 0
     torch.testing.assert_close(freq, expect.double(), atol=0.015, rtol=0)
     default = Picker(DecodingConfig(guidance_scale=w, top_p=p), torch.Generator().manual_seed(0))(streams)
     assert (default == 0).double().mean() > 0.5  # the default (guided) order: token 0 dominates
     # weight 1: both orders are the same sampler
-    one = [Picker(DecodingConfig(guidance_scale=1.0, top_p=p, truncate_on=t), torch.Generator().manual_seed(1))(streams)
-           for t in ("guided", "conditional")]
+    one = [
+        Picker(DecodingConfig(guidance_scale=1.0, top_p=p, truncate_on=t), torch.Generator().manual_seed(1))(streams)
+        for t in ("guided", "conditional")
+    ]
     assert torch.equal(one[0], one[1])
     with pytest.raises(ValueError, match="truncate_on"):
         DecodingConfig(truncate_on="amateur")
@@ -190,6 +215,7 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
 
 def direct_cdk(cond: np.ndarray, uncond: np.ndarray, alpha: float, k: int, tau: float):
     """PAPER.md section 5 written out per row with numpy: (candidate mask, scores)."""
+
     def log_softmax(x):
         x = x - x.max()
         return x - np.log(np.exp(x).sum())
@@ -215,12 +241,15 @@ def test_cdk_candidates_and_scores_match_the_formula(alpha, k, tau):
     assert np.array_equal(np.isfinite(got), mask) and mask.sum(1).min() >= min(k, 40) * (alpha <= 1)
     np.testing.assert_allclose(got[mask], scores[mask], atol=1e-5)
     # the picker (cfg weight 1: the expert is the conditional stream), greedy: argmax of the scores
-    picker = Picker(DecodingConfig(strategy="cdk", temperature=0.0, cdk_alpha=alpha, cdk_k=k,
-                                   cdk_amateur_temperature=tau))
+    picker = Picker(
+        DecodingConfig(strategy="cdk", temperature=0.0, cdk_alpha=alpha, cdk_k=k, cdk_amateur_temperature=tau)
+    )
     assert np.array_equal(picker(torch.stack([cond, uncond])).numpy(), scores.argmax(1))
     # CD-K draws only from the candidate set
-    picker = Picker(DecodingConfig(strategy="cdk", temperature=1.0, cdk_alpha=alpha, cdk_k=k,
-                                   cdk_amateur_temperature=tau), torch.Generator().manual_seed(0))
+    picker = Picker(
+        DecodingConfig(strategy="cdk", temperature=1.0, cdk_alpha=alpha, cdk_k=k, cdk_amateur_temperature=tau),
+        torch.Generator().manual_seed(0),
+    )
     for _ in range(5):
         ids = picker(torch.stack([cond, uncond]))
         assert mask[np.arange(16), ids.numpy()].all()
@@ -257,7 +286,7 @@ def test_instruct_cfg_three_streams():
     src = torch.tensor(rng.integers(0, 32, (2, TPI)))
     prefix, instr = rand_text(3, rng), [rand_text(4, rng), rand_text(2, rng)]
     full, img_cond, uncond = edit_prompts(prefix, src[0], instr[0], VOCAB)
-    assert full[-len(instr[0]) - 1:] == instr[0] + [VOCAB.break_id]
+    assert full[-len(instr[0]) - 1 :] == instr[0] + [VOCAB.break_id]
     assert img_cond[-2:] == [VOCAB.sentinel_id(0), VOCAB.break_id] and uncond == unconditional_prompt(VOCAB)
     # the three-stream expert equals the formula on three separate forwards
     streams = [edit_prompts(prefix, src[i], instr[i], VOCAB) for i in range(2)]
@@ -267,14 +296,15 @@ def test_instruct_cfg_three_streams():
     ref = [torch.stack([last_logits(model, st[j]) for st in streams]) for j in range(3)]
     torch.testing.assert_close(Picker(cfg).expert(s.logits), instruct_cfg_logits(*ref, 1.5, 7.5), atol=1e-4, rtol=0)
     # weights 1 / 1 reduce to the full stream: greedy edits equal greedy continuation of the full prompt
-    codes = edit_images(model, VOCAB, prefix, src, instr, decoding=DecodingConfig(temperature=0.0, image_weight=1.0,
-                                                                                text_weight=1.0))
+    codes = edit_images(
+        model, VOCAB, prefix, src, instr, decoding=DecodingConfig(temperature=0.0, image_weight=1.0, text_weight=1.0)
+    )
     allowed = id_mask(VOCAB.size, [VOCAB.image_id_range])
     for i in range(2):
         ref_ids = greedy_reference(model, streams[i][0], TPI, allowed)
         assert VOCAB.codes_to_ids(codes[i]).tolist() == ref_ids
     edited = edit_images(model, VOCAB, prefix, src, instr, decoding=DecodingConfig(top_p=0.9))
-    assert edited.shape == (2, TPI) and 0 <= int(edited.min()) and int(edited.max()) < 32
+    assert edited.shape == (2, TPI) and int(edited.min()) >= 0 and int(edited.max()) < 32
 
 
 # ---- tasks -------------------------------------------------------------------------------------
@@ -333,8 +363,16 @@ def test_captioning_by_infilling():
     assert infill_prompt(seq, [(1, 2)], VOCAB) == [EOS_ID, s0, brk, *img, EOS_ID, s0]
     # VQA keeps the text around the span
     q, dot = [10, 11], [12]
-    assert infill_prompt([EOS_ID, *q, UNK_ID, *dot, brk, *img, EOS_ID], [(3, 4)], VOCAB) == \
-        [EOS_ID, *q, s0, *dot, brk, *img, EOS_ID, s0]
+    assert infill_prompt([EOS_ID, *q, UNK_ID, *dot, brk, *img, EOS_ID], [(3, 4)], VOCAB) == [
+        EOS_ID,
+        *q,
+        s0,
+        *dot,
+        brk,
+        *img,
+        EOS_ID,
+        s0,
+    ]
     max_len = 6
     out = caption_images(model, VOCAB, codes, max_len=max_len)  # greedy
     allowed = id_mask(VOCAB.size, [(UNK_ID + 1, VOCAB.text_size), (VOCAB.eoss_id, VOCAB.eoss_id + 1)])
@@ -386,7 +424,7 @@ def test_image_infilling_regenerates_only_the_region():
     for s, e in spans:
         inside[s:e] = True
     assert torch.equal(out[:, ~inside], codes[:, ~inside])
-    assert 0 <= int(out.min()) and int(out.max()) < 32
+    assert int(out.min()) >= 0 and int(out.max()) < 32
     # reference: greedy with full forwards, teacher-forcing `<eoss> <sentinel:1>` between the spans
     allowed = id_mask(VOCAB.size, [VOCAB.image_id_range])
     s0, s1, brk = VOCAB.sentinel_id(0), VOCAB.sentinel_id(1), VOCAB.break_id
@@ -430,6 +468,6 @@ def test_bench_matches_hugging_face_token_for_token():
     """Same weights in HF OPT: greedy plain and CFG decoding give the same tokens as HF generate."""
     from cm3leon.bench.generate import bench_generate
 
-    r = bench_generate("cpu", vocab_size=256, prompt_len=8, new_tokens=12, repeats=1)
+    r = bench_generate("cpu", conf_dir=CONF_DIR, vocab_size=256, prompt_len=8, new_tokens=12, repeats=1)
     assert r["same_tokens"] and r["cfg_same_tokens"]
     assert r["ours_tok_s"] > 0 and r["hf_tok_s"] > 0 and r["speedup"] == r["ours_tok_s"] / r["hf_tok_s"]

@@ -4,10 +4,11 @@ with log_image, as W&B's). Random checkpoint / tokenizer / CLIP: the tiny_eval_r
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 import pytest
 import torch
-
 
 torch.set_num_threads(2)
 
@@ -22,17 +23,24 @@ class WorldDataModule:
         class _DM(L.LightningDataModule):
             def __init__(self, vqgan, vocab, n_val=4):
                 super().__init__()
+                from cm3leon.data.token_shards import TokenSample
                 from cm3leon.eval.generation import world_prompts
                 from cm3leon.tokenizers.text_tokenizer import TextTokenizer
-                from cm3leon.data.token_shards import TokenSample
                 from eval_builders import BPE
 
                 text = TextTokenizer.from_file(BPE)
                 self.meta = {"image_tokenizer": {"path": str(vqgan)}, "tokens_per_image": 64}
                 self.tokens_per_image = 64
                 self.vocab = vocab
-                self._val = [TokenSample(f"val_{p.index}", p.caption, np.asarray(text.encode(p.caption), np.uint16),
-                                         np.zeros(64, np.uint16)) for p in world_prompts(n_val)]
+                self._val = [
+                    TokenSample(
+                        f"val_{p.index}",
+                        p.caption,
+                        np.asarray(text.encode(p.caption), np.uint16),
+                        np.zeros(64, np.uint16),
+                    )
+                    for p in world_prompts(n_val)
+                ]
 
             def val_samples(self, n):
                 return self._val[:n]
@@ -54,8 +62,8 @@ class ImageLogger:
 
         class _L(Logger):
             name, version = "fake", 0
-            metrics: list = []
-            images: list = []
+            metrics: ClassVar[list] = []
+            images: ClassVar[list] = []
 
             @property
             def experiment(self):
@@ -81,13 +89,30 @@ def test_fid_callback_logs_metrics_and_a_grid_every_n_steps(tiny_eval_run, tmp_p
 
     module = CM3LeonLitModule.load_from_checkpoint(str(tiny_eval_run["ckpt"]), map_location="cpu")
     dm = WorldDataModule(tiny_eval_run["vqgan"], module.vocab)
-    cb = SampleCallback(every_n_steps=2, n_images=4, clip_pretrained=str(tiny_eval_run["clip"]), batch_size=8,
-                        decoding={"top_p": 0.9}, metrics=["frechet", "clip_score", "caption_acc"], prefix="eval",
-                        subdir="eval")
+    cb = SampleCallback(
+        every_n_steps=2,
+        n_images=4,
+        clip_pretrained=str(tiny_eval_run["clip"]),
+        batch_size=8,
+        decoding={"top_p": 0.9},
+        metrics=["frechet", "clip_score", "caption_acc"],
+        prefix="eval",
+        subdir="eval",
+    )
     logger = ImageLogger()
-    trainer = L.Trainer(max_steps=3, accelerator="cpu", devices=1, logger=logger, callbacks=[cb],
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, default_root_dir=tmp_path, log_every_n_steps=100)
+    trainer = L.Trainer(
+        max_steps=3,
+        accelerator="cpu",
+        devices=1,
+        logger=logger,
+        callbacks=[cb],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+        log_every_n_steps=100,
+    )
     trainer.fit(module, datamodule=dm)
     # evaluated once (step 2 of 3), on schedule
     evals = [(step, m) for step, m in logger.metrics if "eval/fd_tiny_clip" in m]

@@ -30,9 +30,12 @@ def make_fake_coco(root: Path, n_images: int = 6, captions_per_image: int = 2) -
         Image.fromarray(arr).save(root / "val2014" / name, quality=90)
         images.append({"id": image_id, "file_name": name, "width": 64, "height": 48})
         for c in range(captions_per_image):
-            annotations.append({"id": 10 * image_id + c, "image_id": image_id,
-                                "caption": f"A photo number {k} variant {c}.\n"})
-    (root / "annotations" / "captions_val2014.json").write_text(json.dumps({"images": images, "annotations": annotations}))
+            annotations.append(
+                {"id": 10 * image_id + c, "image_id": image_id, "caption": f"A photo number {k} variant {c}.\n"}
+            )
+    (root / "annotations" / "captions_val2014.json").write_text(
+        json.dumps({"images": images, "annotations": annotations})
+    )
     return root
 
 
@@ -56,11 +59,23 @@ def test_coco_prompts_are_distinct_images_fixed_by_the_seed(tmp_path):
 def coco_overrides(run: dict, root: Path, log_dir: Path, n: int = 3) -> list[str]:
     clip = str(run["clip"])
     return [
-        "eval=coco30k", f"ckpt={run['ckpt']}", f"eval.root={root}", f"paths.log_dir={log_dir}",
-        f"cache_dir={log_dir / 'cache'}", f"eval.n_captions={n}", "eval.resolution=64", "eval.samples_per_caption=1",
-        "eval.rerank.model_name=world-tiny-clip", f"eval.rerank.pretrained={clip}",
-        "eval.clip_score.model_name=world-tiny-clip", f"eval.clip_score.pretrained={clip}",
-        "progress=false", "fid.kid_subsets=5", "fid.num_workers=0", "trainer.accelerator=cpu", "trainer.devices=1",
+        "eval=coco30k",
+        f"ckpt={run['ckpt']}",
+        f"eval.root={root}",
+        f"paths.log_dir={log_dir}",
+        f"cache_dir={log_dir / 'cache'}",
+        f"eval.n_captions={n}",
+        "eval.resolution=64",
+        "eval.samples_per_caption=1",
+        "eval.rerank.model_name=world-tiny-clip",
+        f"eval.rerank.pretrained={clip}",
+        "eval.clip_score.model_name=world-tiny-clip",
+        f"eval.clip_score.pretrained={clip}",
+        "progress=false",
+        "fid.kid_subsets=5",
+        "fid.num_workers=0",
+        "trainer.accelerator=cpu",
+        "trainer.devices=1",
     ]
 
 
@@ -68,14 +83,21 @@ def test_coco_preflight_names_the_missing_data(tiny_eval_run, tmp_path):
     import eval_fid
 
     base = coco_overrides(tiny_eval_run, tmp_path / "no_coco", tmp_path / "logs") + [
-        "eval.metric=tiny_clip", "+eval.feature_clip.model_name=world-tiny-clip",
-        f"+eval.feature_clip.pretrained={tiny_eval_run['clip']}"]
+        "eval.metric=tiny_clip",
+        "+eval.feature_clip.model_name=world-tiny-clip",
+        f"+eval.feature_clip.pretrained={tiny_eval_run['clip']}",
+    ]
     with pytest.raises(eval_fid.UsageError, match=r"captions_json .*captions_val2014.json not found.*eval.root=DIR"):
         eval_fid.run(compose_eval(base))
     root = make_fake_coco(tmp_path / "coco")
     with pytest.raises(eval_fid.UsageError, match="checkpoint .* not found"):
-        eval_fid.run(compose_eval(coco_overrides(tiny_eval_run, root, tmp_path / "logs")[:1] + base[2:]
-                                  + [f"eval.root={root}", "ckpt=/nonexistent.ckpt"]))
+        eval_fid.run(
+            compose_eval(
+                coco_overrides(tiny_eval_run, root, tmp_path / "logs")[:1]
+                + base[2:]
+                + [f"eval.root={root}", "ckpt=/nonexistent.ckpt"]
+            )
+        )
 
 
 def test_coco_eval_end_to_end_in_tiny_clip_space(tiny_eval_run, tmp_path):
@@ -85,15 +107,22 @@ def test_coco_eval_end_to_end_in_tiny_clip_space(tiny_eval_run, tmp_path):
     from cm3leon.eval.fid import ImageSet
 
     root = make_fake_coco(tmp_path / "coco")
-    cfg = compose_eval(coco_overrides(tiny_eval_run, root, tmp_path / "logs") + [
-        "eval.metric=tiny_clip", "+eval.feature_clip.model_name=world-tiny-clip",
-        f"+eval.feature_clip.pretrained={tiny_eval_run['clip']}"])
+    cfg = compose_eval(
+        coco_overrides(tiny_eval_run, root, tmp_path / "logs")
+        + [
+            "eval.metric=tiny_clip",
+            "+eval.feature_clip.model_name=world-tiny-clip",
+            f"+eval.feature_clip.pretrained={tiny_eval_run['clip']}",
+        ]
+    )
     out = eval_fid.run(cfg)
     assert all_filled(out) == []
     assert out["n"] == 3 and out["generated_now"] == 3 and "fd_tiny_clip" in out
     assert "3 sampled images" in out["reference_set"]
     assert out["resize"] == "PIL lanczos short side to 64, centre crop 64x64"
-    refs = [json.loads(s)["reference"] for s in (Path(out["images_dir"]).parent / "prompts.jsonl").read_text().splitlines()]
+    refs = [
+        json.loads(s)["reference"] for s in (Path(out["images_dir"]).parent / "prompts.jsonl").read_text().splitlines()
+    ]
     assert out["reference_set_hash"] == ImageSet(refs).content_hash()
 
 

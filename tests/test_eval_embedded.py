@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from eval_builders import all_filled, compose_eval, embedded_overrides
 from project import PROJECT_ROOT
 
@@ -35,10 +36,24 @@ def test_embedded_eval_writes_fid_json_with_every_field_filled(first_run, tiny_e
     on_disk = json.loads((out_dir / "fid.json").read_text())
     assert on_disk == json.loads(json.dumps(result))
     assert all_filled(on_disk) == []
-    for key in ("fd_tiny_clip", "kd_tiny_clip_mean", "clip_score", "caption_accuracy", "n", "evaluator",
-                "evaluator_version", "feature_extractor", "feature_extractor_weights_sha256", "resize",
-                "reference_set", "reference_set_hash", "decoding", "samples_per_caption", "rerank",
-                "checkpoint_sha256"):
+    for key in (
+        "fd_tiny_clip",
+        "kd_tiny_clip_mean",
+        "clip_score",
+        "caption_accuracy",
+        "n",
+        "evaluator",
+        "evaluator_version",
+        "feature_extractor",
+        "feature_extractor_weights_sha256",
+        "resize",
+        "reference_set",
+        "reference_set_hash",
+        "decoding",
+        "samples_per_caption",
+        "rerank",
+        "checkpoint_sha256",
+    ):
         assert key in on_disk, key
     assert "fid" not in on_disk  # not an Inception FID: named for its feature space
     assert on_disk["n"] == 4 and on_disk["generated_now"] == 4 and on_disk["reused_images"] == 0
@@ -55,7 +70,7 @@ def test_second_run_reuses_images_and_cached_features(first_run, tiny_eval_run, 
     from cm3leon.eval import generation
     from cm3leon.eval.frechet import ClipImageSpace
 
-    cfg, result, log_dir = first_run
+    _cfg, result, log_dir = first_run
     images_dir = Path(result["images_dir"])
     stamps = {p.name: p.stat().st_mtime_ns for p in images_dir.glob("*.png")}
 
@@ -75,14 +90,16 @@ def test_second_run_reuses_images_and_cached_features(first_run, tiny_eval_run, 
 def test_a_deleted_image_is_regenerated_alone(first_run, tiny_eval_run):
     import eval_fid
 
-    cfg, result, log_dir = first_run
+    _cfg, result, log_dir = first_run
     images_dir = Path(result["images_dir"])
     (images_dir / "000002.png").unlink()
     stamps = {p.name: p.stat().st_mtime_ns for p in images_dir.glob("*.png")}
     again = eval_fid.run(compose_eval(embedded_overrides(tiny_eval_run, log_dir)))
     assert again["generated_now"] == 1 and again["reused_images"] == 3
     assert (images_dir / "000002.png").is_file()
-    assert {n: t for n, t in ((p.name, p.stat().st_mtime_ns) for p in images_dir.glob("*.png")) if n in stamps} == stamps
+    assert {
+        n: t for n, t in ((p.name, p.stat().st_mtime_ns) for p in images_dir.glob("*.png")) if n in stamps
+    } == stamps
     assert not list(images_dir.glob(".*.tmp"))  # no temp file left behind
 
 
@@ -92,12 +109,14 @@ def test_other_decoding_settings_get_their_own_folder(first_run, tiny_eval_run):
 
     cfg, result, log_dir = first_run
     other = compose_eval(embedded_overrides(tiny_eval_run, log_dir) + ["decoding.guidance_scale=1.5"])
-    s1 = eval_fid.generation_settings(cfg, world_prompts(4))
-    s2 = eval_fid.generation_settings(other, world_prompts(4))
-    assert eval_fid._settings_hash(s1) != eval_fid._settings_hash(s2)
+    s1 = eval_fid.generation_settings(cfg, world_prompts(4), tiny_eval_run["ckpt"])
+    s2 = eval_fid.generation_settings(other, world_prompts(4), tiny_eval_run["ckpt"])
+    assert eval_fid.settings_hash(s1) != eval_fid.settings_hash(s2)
     # resuming into a folder made with other settings would mix samples: refused in one line
     out_dir = Path(result["images_dir"]).parent
-    clash = compose_eval(embedded_overrides(tiny_eval_run, log_dir) + ["decoding.guidance_scale=1.5", f"out_dir={out_dir}"])
+    clash = compose_eval(
+        embedded_overrides(tiny_eval_run, log_dir) + ["decoding.guidance_scale=1.5", f"out_dir={out_dir}"]
+    )
     with pytest.raises(eval_fid.UsageError, match="other settings .*decoding"):
         eval_fid.run(clash)
 
@@ -111,10 +130,20 @@ def test_generation_spread_over_two_cpu_processes(tiny_eval_run, tmp_path):
     import sys
 
     args = embedded_overrides(tiny_eval_run, tmp_path / "logs", n=8) + [
-        "trainer.devices=2", "trainer.strategy=ddp", "captions_per_batch=2", f"out_dir={tmp_path / 'out'}",
-        f"hydra.run.dir={tmp_path / 'hydra'}"]
-    proc = subprocess.run([sys.executable, str(PROJECT_ROOT / "src" / "eval_fid.py"), *args], capture_output=True,
-                          text=True, timeout=900, cwd=PROJECT_ROOT, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+        "captions_per_batch=2",
+        f"out_dir={tmp_path / 'out'}",
+        f"hydra.run.dir={tmp_path / 'hydra'}",
+    ]
+    proc = subprocess.run(
+        [sys.executable, str(PROJECT_ROOT / "src" / "eval_fid.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=PROJECT_ROOT,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = [json.loads(s) for s in proc.stdout.splitlines() if s.startswith("{")]
     assert len(results) == 1 and results[0]["generated_now"] == 8  # one report, from rank 0

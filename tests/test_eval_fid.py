@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from project import PROJECT_ROOT
 from cm3leon.eval import fid as fid_mod
 from cm3leon.eval.fid import ImageSet, MissingWeightsError, ResizeProtocol, compute_fid, resolve_inception_weights
+from project import PROJECT_ROOT
 
 torch.set_num_threads(2)
 
@@ -65,8 +65,19 @@ def inception(tmp_path_factory):
     write_pngs(gen, 2, seed=1)
     write_pngs(ref, 2, seed=2)
     cache = root / "cache"
-    ours = compute_fid(gen, ref, weights_path=weights, resize=ResizeProtocol("none", None), cache_dir=cache,
-                       kid=True, kid_subset_size=2, kid_subsets=10, device="cpu", batch_size=8, feature_layer="64")
+    ours = compute_fid(
+        gen,
+        ref,
+        weights_path=weights,
+        resize=ResizeProtocol("none", None),
+        cache_dir=cache,
+        kid=True,
+        kid_subset_size=2,
+        kid_subsets=10,
+        device="cpu",
+        batch_size=8,
+        feature_layer="64",
+    )
     return weights, gen, ref, cache, ours
 
 
@@ -74,9 +85,20 @@ def torch_fidelity_metrics(weights, gen, ref, layer: str) -> dict:
     import torch_fidelity
 
     return torch_fidelity.calculate_metrics(
-        input1=str(gen), input2=str(ref), fid=True, kid=True, kid_subset_size=2, kid_subsets=10, cuda=False,
-        feature_extractor_weights_path=str(weights), feature_layer_fid=layer, feature_layer_kid=layer,
-        cache=False, save_cpu_ram=True, verbose=False, batch_size=8,
+        input1=str(gen),
+        input2=str(ref),
+        fid=True,
+        kid=True,
+        kid_subset_size=2,
+        kid_subsets=10,
+        cuda=False,
+        feature_extractor_weights_path=str(weights),
+        feature_layer_fid=layer,
+        feature_layer_kid=layer,
+        cache=False,
+        save_cpu_ram=True,
+        verbose=False,
+        batch_size=8,
     )
 
 
@@ -104,8 +126,17 @@ def test_fid_equals_torch_fidelity_calculate_metrics(inception):
 def test_fid_equals_torch_fidelity_at_pool3(inception, tmp_path):
     """FID's own definition (2048-d pool3 features), no cache."""
     weights, gen, ref, _, _ = inception
-    ours = compute_fid(gen, ref, weights_path=weights, resize=ResizeProtocol("none", None), kid=True,
-                       kid_subset_size=2, kid_subsets=10, device="cpu", batch_size=8)
+    ours = compute_fid(
+        gen,
+        ref,
+        weights_path=weights,
+        resize=ResizeProtocol("none", None),
+        kid=True,
+        kid_subset_size=2,
+        kid_subsets=10,
+        device="cpu",
+        batch_size=8,
+    )
     assert ours["feature_extractor_layer"] == "2048 (pool3)"
     assert_same_as_torch_fidelity(ours, torch_fidelity_metrics(weights, gen, ref, "2048"))
 
@@ -118,8 +149,18 @@ def test_second_run_reuses_cached_features(inception, monkeypatch):
         raise AssertionError("features were extracted again")
 
     monkeypatch.setattr(fid_mod.InceptionSpace, "features", no_extraction)
-    again = compute_fid(gen, ref, weights_path=weights, resize=ResizeProtocol("none", None), cache_dir=cache,
-                        kid=True, kid_subset_size=2, kid_subsets=10, device="cpu", feature_layer="64")
+    again = compute_fid(
+        gen,
+        ref,
+        weights_path=weights,
+        resize=ResizeProtocol("none", None),
+        cache_dir=cache,
+        kid=True,
+        kid_subset_size=2,
+        kid_subsets=10,
+        device="cpu",
+        feature_layer="64",
+    )
     assert again["reference_cached"] and again["generated_cached"]
     assert again["fid"] == pytest.approx(ours["fid"], rel=1e-12)
     assert again["reference_hash"] == ours["reference_hash"]
@@ -128,8 +169,9 @@ def test_second_run_reuses_cached_features(inception, monkeypatch):
     key = fid_mod.FeatureCache.key
     assert key("h", space, ResizeProtocol("none", None)) != key("h", space, ResizeProtocol("bicubic", 16))
     assert key("h", space, ResizeProtocol("none", None)) != key("h2", space, ResizeProtocol("none", None))
-    assert key("h", space, ResizeProtocol("none", None)) != key("h", {**space, "weights_sha256": "1"},
-                                                              ResizeProtocol("none", None))
+    assert key("h", space, ResizeProtocol("none", None)) != key(
+        "h", {**space, "weights_sha256": "1"}, ResizeProtocol("none", None)
+    )
 
 
 def test_content_hash_follows_pixels_not_paths(tmp_path):
@@ -188,9 +230,17 @@ def test_eval_fid_script_without_weights_says_what_is_missing(tmp_path):
     """`make eval-fid` runs this: no Inception weights (empty torch home), no download -> one line, exit 1."""
     env = {"TORCH_HOME": str(tmp_path / "torch_home"), "PATH": "/usr/bin:/bin", "WANDB_MODE": "offline"}
     args = ["fid.download=false", f"hydra.run.dir={tmp_path / 'hydra'}"]
-    proc = subprocess.run([sys.executable, str(PROJECT_ROOT / "src" / "eval_fid.py"), *args],
-                          capture_output=True, text=True, timeout=300, env=env, cwd=PROJECT_ROOT)
-    assert proc.returncode == 1, proc.stderr[-2000:]
+    proc = subprocess.run(
+        [sys.executable, str(PROJECT_ROOT / "src" / "eval_fid.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=PROJECT_ROOT,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]  # a usage error (cm3leon.cli)
     lines = [s for s in proc.stderr.strip().splitlines() if s.strip()]
     assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("error: Inception weights for FID are missing") and "fid.inception_weights=PATH" in lines[0]
+    assert (
+        lines[0].startswith("error: Inception weights for FID are missing") and "fid.inception_weights=PATH" in lines[0]
+    )

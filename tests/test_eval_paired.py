@@ -49,7 +49,7 @@ def test_discordant_counts_and_exact_p_match_the_formula(tmp_path):
     # exact two-sided binomial test of 1 success in 4 at p = 1/2: 2 * (C(4,0) + C(4,1)) / 2^4
     assert math.isclose(first["mcnemar_exact_p"], 2 * (1 + 4) / 16)
     assert pooled["pooled"] == 2 and (pooled["n"], pooled["only_a"], pooled["only_b"]) == (2 * N, 6, 2)
-    assert math.isclose(pooled["mcnemar_exact_p"], 2 * sum(math.comb(8, i) for i in range(3)) / 2 ** 8)
+    assert math.isclose(pooled["mcnemar_exact_p"], 2 * sum(math.comb(8, i) for i in range(3)) / 2**8)
 
 
 def test_identical_folders_have_no_discordant_caption(tmp_path):
@@ -66,7 +66,7 @@ def test_image_naming_is_eval_fids():
     from cm3leon.eval import generation
 
     assert image_path is generation.image_path
-    assert "cm3leon.eval.prompts import image_path" in SCRIPT.read_text()
+    assert "cm3leon.eval.prompts import image_path" in (ROOT / "src" / "cm3leon" / "eval" / "paired.py").read_text()
 
 
 def test_bad_input_is_one_clear_line(tmp_path):
@@ -74,8 +74,12 @@ def test_bad_input_is_one_clear_line(tmp_path):
     other = _eval_folder(tmp_path / "other", right={0}, n=N - 1)
     missing_image = _eval_folder(tmp_path / "m", right={0})
     (missing_image / "images" / "000003.png").unlink()
-    for args, needle in [((a, other), "different captions"), ((a, tmp_path / "nope"), "prompts.jsonl: missing"),
-                         ((a, missing_image), "000003.png: missing image"), ((a,), "")]:
+    for args, needle in [
+        ((a, other), "different captions"),
+        ((a, tmp_path / "nope"), "prompts.jsonl: missing"),
+        ((a, missing_image), "000003.png: missing image"),
+        ((a,), ""),
+    ]:
         out = _run(*args)
         assert out.returncode == 2
         assert needle in (out.stderr + out.stdout)

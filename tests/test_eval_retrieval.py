@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from eval_builders import compose_eval, embedded_overrides, make_tiny_lm
-from project import SHIPPED_DIR
 
 from cm3leon.data.sequences import text_to_image_prompt, unconditional_prompt
+from eval_builders import compose_eval, embedded_overrides, make_tiny_lm
+from project import SHIPPED_DIR
 
 
 @pytest.fixture(scope="module")
@@ -22,18 +22,23 @@ def ra_run(tiny_tokens, tiny_eval_run, tmp_path_factory) -> dict:
 
     root = tmp_path_factory.mktemp("eval_ra")
     bank = root / "retrieval"
-    ra = {"k": 2, "dir": str(bank), "query_splits": ["train"], "index": {"kind": "flat"},
-          "encoder": {"model_name": TINY_CLIP, "pretrained": str(SHIPPED_DIR / "world_clip.pt"), "device": "cpu"}}
+    ra = {
+        "k": 2,
+        "dir": str(bank),
+        "query_splits": ["train"],
+        "index": {"kind": "flat"},
+        "encoder": {"model_name": TINY_CLIP, "pretrained": str(SHIPPED_DIR / "world_clip.pt"), "device": "cpu"},
+    }
     build_retrieval(ra, tiny_tokens, progress=False)
-    ckpt = make_tiny_lm(root / "ra.ckpt", SHIPPED_DIR / "world_vqgan.ckpt", max_seq_len=384,
-                        retrieval={"k": 2, "folder": str(bank)})
+    ckpt = make_tiny_lm(
+        root / "ra.ckpt", SHIPPED_DIR / "world_vqgan.ckpt", max_seq_len=384, retrieval={"k": 2, "folder": str(bank)}
+    )
     return {**tiny_eval_run, "ckpt": ckpt, "bank": bank}
 
 
 @pytest.mark.parametrize("k", [0, 1, 2])
 def test_eval_fid_feeds_the_retrieved_documents(ra_run, k, tmp_path, monkeypatch):
     import eval_fid
-
     from cm3leon.eval.prompts import world_prompts
     from cm3leon.generation import session as session_module
     from cm3leon.generation.pipeline import load_lm

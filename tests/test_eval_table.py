@@ -14,13 +14,32 @@ SCRIPT = ROOT / "src" / "eval_table.py"
 
 def _result(weight: float, acc: float, strategy: str = "topp", ckpt: str = "a" * 64, n: int = 200) -> dict:
     return {
-        "eval": "embedded", "n_generated": n, "n": n, "fd_tiny_clip": 0.1 + weight / 100, "clip_score": 40.0 - weight,
+        "eval": "embedded",
+        "n_generated": n,
+        "n": n,
+        "fd_tiny_clip": 0.1 + weight / 100,
+        "clip_score": 40.0 - weight,
         "caption_accuracy": acc,
-        "caption_accuracy_detail": {"background": 0.98, "no_extra": 0.5, "colour": 0.75, "kind": 0.5,
-                                    "size": 0.625, "position": 0.875},
-        "decoding": {"strategy": strategy, "temperature": 1.0, "top_p": 0.8, "top_k": None,
-                     "cfg_weight": weight, "cdk_alpha": 0.5, "cdk_k": 5},
-        "checkpoint_sha256": ckpt, "captions_sha256": "c" * 64, "samples_per_caption": 1,
+        "caption_accuracy_detail": {
+            "background": 0.98,
+            "no_extra": 0.5,
+            "colour": 0.75,
+            "kind": 0.5,
+            "size": 0.625,
+            "position": 0.875,
+        },
+        "decoding": {
+            "strategy": strategy,
+            "temperature": 1.0,
+            "top_p": 0.8,
+            "top_k": None,
+            "cfg_weight": weight,
+            "cdk_alpha": 0.5,
+            "cdk_k": 5,
+        },
+        "checkpoint_sha256": ckpt,
+        "captions_sha256": "c" * 64,
+        "samples_per_caption": 1,
     }
 
 
@@ -45,9 +64,12 @@ def test_sweep_folder_becomes_one_sorted_table_with_standard_errors(tmp_path):
     out = _run(tmp_path)
     assert out.returncode == 0, out.stderr
     rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert [r.split(" | ")[0] for r in rows] == ["| top-p 0.8, CFG 1 (none)", "| top-p 0.8, CFG 3",
-                                                 "| top-p 0.8, CFG 3, candidates from the conditional stream",
-                                                 "| CD-K (alpha 0.5, k 5), CFG 3"]
+    assert [r.split(" | ")[0] for r in rows] == [
+        "| top-p 0.8, CFG 1 (none)",
+        "| top-p 0.8, CFG 3",
+        "| top-p 0.8, CFG 3, candidates from the conditional stream",
+        "| CD-K (alpha 0.5, k 5), CFG 3",
+    ]
     se = math.sqrt(0.3 * 0.7 / 200)
     cells = rows[1].strip("| ").split(" | ")
     assert cells[1] == "200" and cells[2] == f"0.300 ± {se:.3f}"

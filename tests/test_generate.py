@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -37,17 +38,26 @@ def tiny_ckpt(tmp_path_factory) -> Path:
     torch.save(vq.model.state_dict(), d / "vq.pt")
     (d / "vq.yaml").write_text((CONFIG_DIR / "tiny.yaml").read_text())
     vocab = Vocab(text_size=TextTokenizer.from_file(BPE).vocab_size, n_image_codes=vq.n_codes, n_sentinels=16)
-    meta = {"image_tokenizer": {"path": str(d / "vq.pt")}, "text_tokenizer": {"path": str(BPE)},
-            "tokens_per_image": vq.tokens_per_image}
+    meta = {
+        "image_tokenizer": {"path": str(d / "vq.pt")},
+        "text_tokenizer": {"path": str(BPE)},
+        "tokens_per_image": vq.tokens_per_image,
+    }
     module = CM3LeonLitModule(
         model=dict(n_layer=2, d_model=32, n_head=2, max_seq_len=192, zero_init_residual_out=False, init_std=0.05),
         vocab=vocab.to_dict(),
-        optim=dict(lr=1e-3, betas=[0.9, 0.95], eps=1e-8, weight_decay=0.1, warmup_steps=1, final_lr_ratio=0.1,
-                   max_steps=1),
+        optim=dict(
+            lr=1e-3, betas=[0.9, 0.95], eps=1e-8, weight_decay=0.1, warmup_steps=1, final_lr_ratio=0.1, max_steps=1
+        ),
         data_meta=meta,
     )
-    trainer = L.Trainer(logger=False, enable_checkpointing=False, accelerator="cpu", enable_progress_bar=False,
-                        enable_model_summary=False)
+    trainer = L.Trainer(
+        logger=False,
+        enable_checkpointing=False,
+        accelerator="cpu",
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.strategy.connect(module)
     trainer.save_checkpoint(d / "last.ckpt")
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(d / "photo.png")
@@ -68,8 +78,19 @@ def run_generate(*overrides: str) -> dict:
 
 
 def test_missing_checkpoint_is_one_line(tmp_path):
-    r = subprocess.run([sys.executable, "src/generate.py", f"ckpt={tmp_path}/none.ckpt", "prompt=a red circle",
-                        f"hydra.run.dir={tmp_path}/run"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "src/generate.py",
+            f"ckpt={tmp_path}/none.ckpt",
+            "prompt=a red circle",
+            f"hydra.run.dir={tmp_path}/run",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "none.ckpt not found" in lines[0] and "ckpt=PATH" in lines[0], r.stderr
@@ -85,8 +106,14 @@ def test_missing_checkpoint_is_one_line(tmp_path):
 def test_image_task_writes_each_sample_and_a_grid(tiny_ckpt, tmp_path, decoding):
     n = 4 if decoding == "topp_cfg" else 2
     out = tmp_path / "run"
-    s = run_generate(f"ckpt={tiny_ckpt}", "prompt=a large red circle in the top left", f"n={n}",
-                     f"decoding={decoding}", f"out_dir={out}", "batch_size=2")
+    s = run_generate(
+        f"ckpt={tiny_ckpt}",
+        "prompt=a large red circle in the top left",
+        f"n={n}",
+        f"decoding={decoding}",
+        f"out_dir={out}",
+        "batch_size=2",
+    )
     for i in range(n):
         assert Image.open(out / f"sample_{i:02d}.png").size == (64, 64)
     assert not (out / f"sample_{n:02d}.png").exists()
@@ -103,8 +130,16 @@ def test_caption_and_vqa_print_the_infilled_text(tiny_ckpt, tmp_path, capsys):
     printed = capsys.readouterr().out.strip().splitlines()
     assert len(s["texts"]) == 1 and printed[0] == s["texts"][0]  # greedy: one caption, printed first
     assert json.loads(printed[-1])["task"] == "caption"
-    s = run_generate(f"ckpt={tiny_ckpt}", "task=vqa", f"image={photo}", "question=what colour is the circle?",
-                     "caption.max_len=4", "caption.temperature=1.0", "n=3", f"out_dir={tmp_path}")
+    s = run_generate(
+        f"ckpt={tiny_ckpt}",
+        "task=vqa",
+        f"image={photo}",
+        "question=what colour is the circle?",
+        "caption.max_len=4",
+        "caption.temperature=1.0",
+        "n=3",
+        f"out_dir={tmp_path}",
+    )
     assert len(s["texts"]) == 3
     import generate
 
@@ -116,11 +151,18 @@ def test_caption_and_vqa_print_the_infilled_text(tiny_ckpt, tmp_path, capsys):
 
 def test_edit_and_infill_tasks(tiny_ckpt, tmp_path):
     photo = tiny_ckpt.parent / "photo.png"
-    run_generate(f"ckpt={tiny_ckpt}", "task=edit", f"image={photo}", "prompt=make it blue", "n=2",
-                 f"out_dir={tmp_path / 'edit'}")
+    run_generate(
+        f"ckpt={tiny_ckpt}", "task=edit", f"image={photo}", "prompt=make it blue", "n=2", f"out_dir={tmp_path / 'edit'}"
+    )
     assert (tmp_path / "edit" / "edit_01.png").is_file() and (tmp_path / "edit" / "grid.png").is_file()
-    s = run_generate(f"ckpt={tiny_ckpt}", "task=infill", f"image={photo}", "infill.region=[4,0,8,8]", "n=2",
-                     f"out_dir={tmp_path / 'infill'}")
+    s = run_generate(
+        f"ckpt={tiny_ckpt}",
+        "task=infill",
+        f"image={photo}",
+        "infill.region=[4,0,8,8]",
+        "n=2",
+        f"out_dir={tmp_path / 'infill'}",
+    )
     assert s["region"] == [4, 0, 8, 8] and (tmp_path / "infill" / "infill_00.png").is_file()
     assert Image.open(tmp_path / "infill" / "infill_01.png").size == (64, 64)
 
@@ -134,14 +176,22 @@ def test_clip_reranking_orders_samples(tiny_ckpt, tmp_path):
     torch.manual_seed(0)
     clip = open_clip.create_model(TINY_CLIP)
     torch.save(clip.state_dict(), tmp_path / "clip.pt")
-    s = run_generate(f"ckpt={tiny_ckpt}", "prompt=a small blue square", "n=3", "rerank.enabled=true",
-                     f"rerank.model_name={TINY_CLIP}", f"rerank.pretrained={tmp_path / 'clip.pt'}",
-                     f"out_dir={tmp_path / 'run'}")
+    s = run_generate(
+        f"ckpt={tiny_ckpt}",
+        "prompt=a small blue square",
+        "n=3",
+        "rerank.enabled=true",
+        f"rerank.model_name={TINY_CLIP}",
+        f"rerank.pretrained={tmp_path / 'clip.pt'}",
+        f"out_dir={tmp_path / 'run'}",
+    )
     scores = s["clip_scores"]
     assert len(scores) == 3 and all(-1.0 <= x <= 1.0 for x in scores)
     best = int(np.argmax(scores))
-    assert np.array_equal(np.asarray(Image.open(tmp_path / "run" / "best.png")),
-                          np.asarray(Image.open(tmp_path / "run" / f"sample_{best:02d}.png")))
+    assert np.array_equal(
+        np.asarray(Image.open(tmp_path / "run" / "best.png")),
+        np.asarray(Image.open(tmp_path / "run" / f"sample_{best:02d}.png")),
+    )
     # the scores are CLIP's own cosine similarities
     from cm3leon.generation.rerank import ClipReranker
 
@@ -156,7 +206,7 @@ class FolderRetriever:
     """Stands in for cm3leon.retrieval.Retriever(folder, k, device) (the retrieval protocol's
     documents(queries, k, rng) -> list[list[Document]]); records the folder it was given."""
 
-    folders: list = []
+    folders: ClassVar[list] = []
 
     def __init__(self, folder, k: int = 2, device: str = "cpu", n_codes: int = 512, tokens: int = 64):
         self.folder, self.k, self.n_codes, self.tokens = Path(folder), k, n_codes, tokens
@@ -165,8 +215,10 @@ class FolderRetriever:
     def documents(self, queries, k: int, rng=None) -> list[list[Document]]:
         assert all(q.text for q in queries)  # inference retrieves by the prompt text
         rng = np.random.default_rng(0)
-        return [[Document(np.array([40, 41]), rng.integers(0, self.n_codes, self.tokens)) for _ in range(k)]
-                for _ in queries]
+        return [
+            [Document(np.array([40, 41]), rng.integers(0, self.n_codes, self.tokens)) for _ in range(k)]
+            for _ in queries
+        ]
 
 
 def test_retrieved_documents_are_used(tiny_ckpt, tmp_path, monkeypatch):
@@ -176,21 +228,40 @@ def test_retrieved_documents_are_used(tiny_ckpt, tmp_path, monkeypatch):
     monkeypatch.setattr(retriever_module, "Retriever", FolderRetriever)
     bank = tmp_path / "bank"
     bank.mkdir()
-    s = run_generate(f"ckpt={tiny_ckpt}", "prompt=a red circle", "n=2", f"retrieval.dir={bank}", "retrieval.k=1",
-                     f"out_dir={tmp_path}")
+    s = run_generate(
+        f"ckpt={tiny_ckpt}",
+        "prompt=a red circle",
+        "n=2",
+        f"retrieval.dir={bank}",
+        "retrieval.k=1",
+        f"out_dir={tmp_path}",
+    )
     assert s["n_retrieved"] == 1 and (tmp_path / "sample_01.png").is_file() and FolderRetriever.folders[-1] == bank
     with pytest.raises(generate.UsageError, match="build_index"):
-        run_generate(f"ckpt={tiny_ckpt}", "prompt=x", f"retrieval.dir={tmp_path}/none", "retrieval.k=1",
-                     f"out_dir={tmp_path}")
+        run_generate(
+            f"ckpt={tiny_ckpt}", "prompt=x", f"retrieval.dir={tmp_path}/none", "retrieval.k=1", f"out_dir={tmp_path}"
+        )
     with pytest.raises(generate.UsageError, match="trained without retrieval"):
         run_generate(f"ckpt={tiny_ckpt}", "prompt=x", "retrieval.k=1", f"out_dir={tmp_path}")
 
 
 @pytest.mark.slow
 def test_cli_end_to_end(tiny_ckpt, tmp_path):
-    r = subprocess.run([sys.executable, "src/generate.py", f"ckpt={tiny_ckpt}", "prompt=a red circle", "n=2",
-                        "decoding=mixed", f"hydra.run.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "src/generate.py",
+            f"ckpt={tiny_ckpt}",
+            "prompt=a red circle",
+            "n=2",
+            "decoding=mixed",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "grid.png").is_file() and (tmp_path / "sample_01.png").is_file()
 

@@ -12,8 +12,17 @@ from cm3leon.tokenizers.image_processing import postprocess, preprocess, resize_
 from project import PROJECT_ROOT
 
 SHIPPED = PROJECT_ROOT / "data" / "shipped" / "world_vqgan.ckpt"
-SMALL = dict(ch=32, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[], z_channels=8, embed_dim=4,
-             n_embed=16, resolution=16, num_groups=8)
+SMALL = dict(
+    ch=32,
+    ch_mult=[1, 2],
+    num_res_blocks=1,
+    attn_resolutions=[],
+    z_channels=8,
+    embed_dim=4,
+    n_embed=16,
+    resolution=16,
+    num_groups=8,
+)
 
 
 def test_rgba_is_blended_on_white():

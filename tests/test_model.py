@@ -90,7 +90,7 @@ def test_kv_cache_matches_full_forward(attn_impl):
         k_ptr = cache.k[0].data_ptr()
         steps = [model(idx[:, :T0], input_pos=torch.arange(T0), cache=cache)]  # prefill
         for t in range(T0, T):  # one token per step
-            steps.append(model(idx[:, t:t + 1], input_pos=torch.tensor([t]), cache=cache))
+            steps.append(model(idx[:, t : t + 1], input_pos=torch.tensor([t]), cache=cache))
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-4, rtol=0)
     assert cache.k[0].data_ptr() == k_ptr  # static buffers, written in place
     # a chunked prefill gives the same too
@@ -118,8 +118,13 @@ def test_activation_checkpointing_same_gradients():
 
 def test_post_ln_and_options_build():
     idx = torch.randint(0, 96, (1, 8))
-    for kw in (dict(pre_ln=False), dict(norm="layernorm", bias=True), dict(norm="rmsnorm", activation="gelu"),
-               dict(pos_emb="none", embed_scale=8.0), dict(dropout=0.1)):
+    for kw in (
+        dict(pre_ln=False),
+        dict(norm="layernorm", bias=True),
+        dict(norm="rmsnorm", activation="gelu"),
+        dict(pos_emb="none", embed_scale=8.0),
+        dict(dropout=0.1),
+    ):
         assert random_model(**kw)(idx).shape == (1, 8, 96)
     with pytest.raises(UsageError, match="norm"):
         small_cfg(norm="batchnorm")
@@ -211,6 +216,6 @@ def test_every_model_field_is_a_typed_override(compose_config):
 def test_bench_train_step_runs():
     from cm3leon.bench.train_step import bench_train_step
 
-    r = bench_train_step("cpu", batch_size=1, seq_len=32, vocab_size=512, steps=1, warmup=0)
+    r = bench_train_step("cpu", conf_dir=CONF_DIR, batch_size=1, seq_len=32, vocab_size=512, steps=1, warmup=0)
     assert r["ours_ms"] > 0 and r["hf_ms"] > 0 and r["speedup"] == r["hf_ms"] / r["ours_ms"]
     assert r["params_hf"] == r["params_ours"] + 2 * 256  # same model up to OPT's 2 offset rows

@@ -88,7 +88,7 @@ def test_rejects_already_transformed_input():
 def check_spans(ids, ex, allow_cross_break=False):
     spans = ex.spans
     assert spans == sorted(spans)
-    for (s, e), (s2, _) in zip(spans, spans[1:]):
+    for (_, e), (s2, _) in zip(spans, spans[1:]):
         assert e <= s2, f"overlapping spans {spans}"
     for s, e in spans:
         assert 1 <= s < e <= len(ids), f"span {(s, e)} outside the block or covers position 0"
@@ -130,7 +130,7 @@ def test_sentinels_in_place_then_appended_in_order():
         assert len(eoss) == k and (k == 0 or eoss[-1] == len(ex.ids) - 1)
         for i, (s, e) in enumerate(ex.spans):  # appended span i is the original tokens
             start = sent[k + i] + 1
-            assert np.array_equal(ex.ids[start:start + e - s], ids[s:e])
+            assert np.array_equal(ex.ids[start : start + e - s], ids[s:e])
 
 
 def test_cross_break_option():
@@ -252,7 +252,12 @@ def test_speed_4k_document():
     for _ in range(100):
         parts = [[EOS_ID]]
         while sum(map(len, parts)) < 4096:
-            parts += [rng.integers(4, 56_320, 20), [vocab.break_id], rng.integers(*vocab.image_id_range, 1024), [vocab.break_id]]
+            parts += [
+                rng.integers(4, 56_320, 20),
+                [vocab.break_id],
+                rng.integers(*vocab.image_id_range, 1024),
+                [vocab.break_id],
+            ]
         docs.append(np.concatenate(parts)[:4096].astype(np.int64))
     best = float("inf")
     for _ in range(3):

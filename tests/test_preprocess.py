@@ -42,7 +42,9 @@ def random_vq(tmp_path_factory):
 
 
 def good_samples(n, start=0):
-    return [(f"k{i:04d}", render(scene_for(0, "val", i)), caption(scene_for(0, "val", i))) for i in range(start, start + n)]
+    return [
+        (f"k{i:04d}", render(scene_for(0, "val", i)), caption(scene_for(0, "val", i))) for i in range(start, start + n)
+    ]
 
 
 def write_bad_shard(path):
@@ -174,7 +176,7 @@ def test_one_decoder_same_reasons_in_every_caller(tmp_path, random_vq):
     from cm3leon.data.image_datamodule import ImageShardDataset
     from cm3leon.data.make_shards import make_shards
 
-    (_, img, cap), = good_samples(1)
+    ((_, img, cap),) = good_samples(1)
     corrupt = b"\x89PNG not really an image"
     pairs = {"a": (png(img), cap), "b": (corrupt, cap), "c": (png(img), "  ")}  # good, bad image, empty caption
     want = {"bad_image": 1, "empty_caption": 1}
@@ -191,7 +193,10 @@ def test_one_decoder_same_reasons_in_every_caller(tmp_path, random_vq):
             add(tf, f"{key}.txt", text.encode())
 
     counts = make_shards(folder, tmp_path / "made")["counts"]
-    assert counts["written"] == 1 and {k.removeprefix("skipped_"): v for k, v in counts.items() if k.startswith("skipped_")} == want
+    assert (
+        counts["written"] == 1
+        and {k.removeprefix("skipped_"): v for k, v in counts.items() if k.startswith("skipped_")} == want
+    )
     cfg = PreprocessConfig(image_tokenizer=str(random_vq), text_tokenizer=str(SHIPPED_BPE), num_workers=1)
     report = preprocess_split(str(raw), tmp_path / "tok", cfg, progress=False)
     assert report["written"] == 1 and {k: v for k, v in report["skipped"].items() if v} == want

@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from project import PROJECT_ROOT
 from cm3leon.data import world
 from cm3leon.retrieval.clip_encoder import DocumentEncoder, document_vectors, drop_tokens, recall_at_k
 from cm3leon.retrieval.tiny_clip import CONTEXT_LENGTH, TINY_CLIP, WORDS, register_tiny_clip
+from project import PROJECT_ROOT
 
 SHIPPED_CLIP = PROJECT_ROOT / "data" / "shipped" / "world_clip.pt"
 torch.set_num_threads(2)
@@ -134,7 +134,7 @@ def test_training_input_equals_open_clip_preprocess(shipped_encoder):
     import sys
 
     sys.path.insert(0, str(PROJECT_ROOT / "src"))
-    from train_clip import Normalizer
+    from cm3leon.retrieval.clip_training import Normalizer
 
     _, images = world_pairs("val", 4)
     fast = Normalizer(shipped_encoder.model)(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2))
@@ -168,5 +168,6 @@ def test_merge_file_has_no_empty_merge():
     """An empty last line would add a phantom vocabulary entry (and shift the specials)."""
     register_tiny_clip()
     path = open_clip.get_model_config(TINY_CLIP)["text_cfg"]["tokenizer_kwargs"]["bpe_path"]
-    lines = gzip.open(path).read().decode().split("\n")
+    with gzip.open(path) as f:
+        lines = f.read().decode().split("\n")
     assert all(len(line.split()) == 2 for line in lines[1:])

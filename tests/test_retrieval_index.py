@@ -53,8 +53,8 @@ def test_sharded_ivf_equals_one_piece_ivf(bank, tmp_path):
     sharded, stats = build_index(x, IndexConfig(kind="ivf", nlist=16, nprobe=4, shard_rows=1000), tmp_path / "sh.faiss")
     assert stats["shards"] == 3 and (tmp_path / "sh.ivfdata").is_file()
     assert not list(tmp_path.glob("sh.faiss.shard*"))  # shard files are removed after the merge
-    s1, i1 = one.search(q, 10)
-    s2, i2 = sharded.search(q, 10)
+    _s1, i1 = one.search(q, 10)
+    _s2, i2 = sharded.search(q, 10)
     np.testing.assert_array_equal(i1, i2)
     reloaded = load_index(tmp_path / "sh.faiss", nprobe=4)
     np.testing.assert_array_equal(reloaded.search(q, 10)[1], i1)
@@ -88,8 +88,12 @@ def test_token_store_round_trip(tmp_path):
 
     rng = np.random.default_rng(0)
     samples = [
-        TokenSample(f"k{i:03d}", "c", rng.integers(0, 900, size=rng.integers(1, 30)).astype(np.uint16),
-                    rng.integers(0, 512, size=16).astype(np.uint16))
+        TokenSample(
+            f"k{i:03d}",
+            "c",
+            rng.integers(0, 900, size=rng.integers(1, 30)).astype(np.uint16),
+            rng.integers(0, 512, size=16).astype(np.uint16),
+        )
         for i in range(50)
     ]
     shards = []

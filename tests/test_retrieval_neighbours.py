@@ -52,8 +52,13 @@ def test_selection_rules():
     # text query candidates: 2 again (picked: skip), 6 is the query's own content (skip), 5, empty slots
     txt = (np.array([[0.85, 0.8, 0.5, -1, -1]]), np.array([[2, 6, 5, -1, -1]]))
     rows, scores = select_neighbours(
-        [img, txt], bank, per_query=2, max_relevance=0.9, duplicate_threshold=0.98,
-        self_rows=np.array([0]), query_docs=e[5:6],
+        [img, txt],
+        bank,
+        per_query=2,
+        max_relevance=0.9,
+        duplicate_threshold=0.98,
+        self_rows=np.array([0]),
+        query_docs=e[5:6],
     )
     np.testing.assert_array_equal(rows, [[2, 4, 5, -1]])
     np.testing.assert_allclose(scores[0, :3], [0.8, 0.7, 0.5])
@@ -165,8 +170,13 @@ def test_neighbour_source_in_the_datamodule(small_world):
     tokens, source = small_world
     assert isinstance(source, DocumentSource)  # the one retrieval protocol
     dm = CM3DataModule(
-        str(tokens), seq_len=512, micro_batch_size=2, num_workers=0, retrieval=ra_config(),
-        objective={"transform": {"poisson_lambda": 0.0}}, vocab={"n_sentinels": 16},
+        str(tokens),
+        seq_len=512,
+        micro_batch_size=2,
+        num_workers=0,
+        retrieval=ra_config(),
+        objective={"transform": {"poisson_lambda": 0.0}},
+        vocab={"n_sentinels": 16},
     )
     dm.prepare_data()  # the files are current: nothing to make
     dm.setup()
@@ -259,7 +269,13 @@ def test_missing_and_stale_files_give_one_line(small_world, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"store\.json not found"):
         NeighbourPool.from_config(ra_config(dir=str(broken)), tokens)
     with pytest.raises(FileNotFoundError) as e:
-        build_retrieval(ra_config(encoder={"model_name": TINY_CLIP, "pretrained": str(tmp_path / "world_clip.pt")}, dir=str(tmp_path / "r")), tokens)
+        build_retrieval(
+            ra_config(
+                encoder={"model_name": TINY_CLIP, "pretrained": str(tmp_path / "world_clip.pt")},
+                dir=str(tmp_path / "r"),
+            ),
+            tokens,
+        )
     assert "\n" not in str(e.value) and "python src/train_clip.py" in str(e.value)
 
 
@@ -276,9 +292,13 @@ def world_retrieval_scores(n_bank: int, n_val: int) -> dict:
     index.add(docs)
     val_scenes = [world.scene_for(0, "val", i) for i in range(n_val)]
     q = enc.encode_texts([world.caption(s) for s in val_scenes])
-    rows, scores = select_neighbours([index.search(q, 128)], docs, per_query=2, max_relevance=0.9, duplicate_threshold=0.98)
+    rows, scores = select_neighbours(
+        [index.search(q, 128)], docs, per_query=2, max_relevance=0.9, duplicate_threshold=0.98
+    )
     pairs = [(v, bank_scenes[r]) for v, rr in zip(val_scenes, rows) for r in rr if r >= 0]
-    main_colour = [max(v.shapes, key=lambda s: world.SIZES.index(s.size)).colour in {s.colour for s in d.shapes} for v, d in pairs]
+    main_colour = [
+        max(v.shapes, key=lambda s: world.SIZES.index(s.size)).colour in {s.colour for s in d.shapes} for v, d in pairs
+    ]
     return {
         "share": float(np.mean([shares_main_shape(v, d) for v, d in pairs])),
         "colour_share": float(np.mean(main_colour)),

@@ -58,7 +58,11 @@ def test_dry_run_param_counts_match_the_paper(size, expected, compose_config):
 def run_train(args: list[str], timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore", **(env or {})}
     return subprocess.run(
-        [sys.executable, str(TRAIN), *args], capture_output=True, text=True, timeout=timeout, env=full_env,
+        [sys.executable, str(TRAIN), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
         cwd=PROJECT_ROOT,
     )
 
@@ -130,7 +134,9 @@ def test_resume_continues_from_saved_step_without_repeating_data(tiny_tokens, tm
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (resumed / "checkpoints" / "last.ckpt").is_file()
     proc = run_train(
-        small_run_args(tiny_tokens, resumed, "trainer.max_steps=6", f"ckpt_path={resumed}/checkpoints/last.ckpt", *common)
+        small_run_args(
+            tiny_tokens, resumed, "trainer.max_steps=6", f"ckpt_path={resumed}/checkpoints/last.ckpt", *common
+        )
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1])["global_step"] == 6
@@ -159,9 +165,16 @@ def test_ddp_two_cpu_processes_gloo(tiny_tokens, tmp_path):
     run_dir = tmp_path / "ddp"
     proc = run_train(
         small_run_args(
-            tiny_tokens, run_dir, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-            "trainer.precision=32-true", "+trainer.strategy.process_group_backend=gloo", "trainer.max_steps=3",
-            "trainer.limit_val_batches=0", "data.num_workers=1",
+            tiny_tokens,
+            run_dir,
+            "trainer=ddp",
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+            "trainer.precision=32-true",
+            "+trainer.strategy.process_group_backend=gloo",
+            "trainer.max_steps=3",
+            "trainer.limit_val_batches=0",
+            "data.num_workers=1",
             "+callbacks.keys._target_=cm3leon.lit.callbacks.BatchKeysRecorder",
         ),
     )
@@ -184,14 +197,23 @@ def test_retrieval_on_and_off_train_from_the_same_command_line(tiny_tokens, tmp_
     from cm3leon.retrieval.neighbours import RetrievalConfig, build_retrieval
 
     bank = tmp_path / "bank"  # the session's tiny_tokens folder stays as it is
-    build_retrieval(RetrievalConfig.from_any({**compose_config("train", ["retrieval=ra"]).retrieval, "dir": str(bank)}),
-                    tiny_tokens, progress=False)
-    common = ["trainer.max_steps=2", "trainer.limit_val_batches=0", "+callbacks.keys._target_=cm3leon.lit.callbacks.BatchKeysRecorder"]
+    build_retrieval(
+        RetrievalConfig.from_any({**compose_config("train", ["retrieval=ra"]).retrieval, "dir": str(bank)}),
+        tiny_tokens,
+        progress=False,
+    )
+    common = [
+        "trainer.max_steps=2",
+        "trainer.limit_val_batches=0",
+        "+callbacks.keys._target_=cm3leon.lit.callbacks.BatchKeysRecorder",
+    ]
     for mode, extra, k in (("ra", [f"retrieval.dir={bank}", "retrieval.k=3"], 3), ("none", [], 0)):
         run = tmp_path / mode
         proc = run_train(small_run_args(tiny_tokens, run, f"retrieval={mode}", *extra, *common))
         assert proc.returncode == 0, proc.stderr[-3000:]
         recs = [json.loads(line) for line in (run / "batch_keys.jsonl").read_text().splitlines()]
         assert len(recs) == 2 and all(n == k for r in recs for n in r["n_retrieved"])
-        meta = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["hyper_parameters"]["data_meta"]
+        meta = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)[
+            "hyper_parameters"
+        ]["data_meta"]
         assert (meta.get("retrieval") or {}).get("folder") == (str(bank.resolve()) if k else None)

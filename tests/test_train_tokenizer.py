@@ -19,8 +19,17 @@ from cm3leon.tokenizers import ImageTokenizer, VQGANConfig
 from cm3leon.tokenizers.image_tokenizer import resolve_config
 from project import CONF_DIR, SRC_DIR
 
-TINY16 = dict(ch=8, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[], z_channels=8, embed_dim=4,
-              n_embed=16, resolution=16, num_groups=4)
+TINY16 = dict(
+    ch=8,
+    ch_mult=[1, 2],
+    num_res_blocks=1,
+    attn_resolutions=[],
+    z_channels=8,
+    embed_dim=4,
+    n_embed=16,
+    resolution=16,
+    num_groups=4,
+)
 
 
 def _write_world_shards(folder, n, bad_keys=()):
@@ -63,12 +72,18 @@ def _compose(overrides: list[str], hydra_config: bool = False):
 def test_config_makefile_overrides_and_defaults_written_once():
     """Every override `make tokenizers` passes composes; the architecture and training defaults come
     from the dataclasses (a named config holds only what differs); tokenizer configs are package data."""
-    from cm3leon.lit.vqgan_module import VQGANTrainingConfig
+    from cm3leon.config import VQGANTrainingConfig
     from cm3leon.tokenizers.image_tokenizer import CONFIG_DIR
 
     stages = [
-        ["hydra.run.dir=/tmp/x", "tokenizer.n_embed=512", "trainer.max_steps=4000", "module.optim.total_steps=6000",
-         "ckpt_path=/tmp/x/last.ckpt", "export_to=/tmp/x/vq.ckpt"],
+        [
+            "hydra.run.dir=/tmp/x",
+            "tokenizer.n_embed=512",
+            "trainer.max_steps=4000",
+            "module.optim.total_steps=6000",
+            "ckpt_path=/tmp/x/last.ckpt",
+            "export_to=/tmp/x/vq.ckpt",
+        ],
         ["init_from=/tmp/vq.ckpt", "module.decoder_only=true", "trainer.max_steps=3000", "module.optim.lr=3e-4"],
     ]
     for overrides in stages:
@@ -97,17 +112,30 @@ def test_hydra_script_fast_dev_run_and_export(tmp_path):
     export = tmp_path / "export" / "vq.ckpt"
     overrides = [
         f"paths.output_dir={tmp_path / 'run'}",
-        f"data.train_shards={train_dir}", f"data.val_shards={val_dir}", "data.embedded_world=false",
+        f"data.train_shards={train_dir}",
+        f"data.val_shards={val_dir}",
+        "data.embedded_world=false",
         "module.val.caption_accuracy=true",  # world captions: the checker scores the reconstructions
-        "data.batch_size=4", "data.val_batch_size=4", "data.shuffle_buffer=4",
-        "+trainer.fast_dev_run=true", "trainer.enable_progress_bar=false", "~logger.wandb",
+        "data.batch_size=4",
+        "data.val_batch_size=4",
+        "data.shuffle_buffer=4",
+        "+trainer.fast_dev_run=true",
+        "trainer.enable_progress_bar=false",
+        "~logger.wandb",
         f"export_to={export}",
     ]
     cfg = _compose(overrides, hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     summary = train(cfg)
-    assert {"train/rec_loss", "train/q_loss", "train/codebook_usage", "train/perplexity", "train/dead_codes",
-            "val/rec_loss", "val/caption_accuracy"} <= set(summary)
+    assert {
+        "train/rec_loss",
+        "train/q_loss",
+        "train/codebook_usage",
+        "train/perplexity",
+        "train/dead_codes",
+        "val/rec_loss",
+        "val/caption_accuracy",
+    } <= set(summary)
     assert 0.0 <= summary["val/caption_accuracy"] <= 1.0
     # the export holds only VQModel keys and loads strictly with its yaml
     sd = torch.load(export, weights_only=True)["state_dict"]
@@ -134,8 +162,15 @@ def test_module_gan_restart_and_ema(tmp_path, ema=True):
     )
     before = module.vqgan.quantize.embedding.weight.detach().clone()
     disc_before = module.loss.discriminator.main[0].weight.detach().clone()
-    trainer = L.Trainer(max_steps=8, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        max_steps=8,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, train_dataloaders=_random_loader())
     # 2 batches before disc_start (1 optimizer step each) + 3 after (2 each) = Lightning's 8 steps
     assert module._steps_done == 5 and trainer.global_step == 8
@@ -170,7 +205,9 @@ def test_perceptual_loss_with_local_vgg(tmp_path):
     path = tmp_path / "vgg16.pth"
     feats = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["D"])  # = vgg16().features
     torch.save({f"features.{k}": v for k, v in feats.state_dict().items()}, path)
-    module = VQGANModule(tokenizer={**TINY16, "resolution": 32}, loss={"perceptual_weight": 1.0, "perceptual_vgg_path": str(path)})
+    module = VQGANModule(
+        tokenizer={**TINY16, "resolution": 32}, loss={"perceptual_weight": 1.0, "perceptual_vgg_path": str(path)}
+    )
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     d_same = module.loss.perceptual(x, x)
     d_diff = module.loss.perceptual(x, -x)
@@ -206,14 +243,27 @@ def test_init_from_grows_the_codebook_by_splitting_codes(tmp_path):
 def test_decoder_only_training_keeps_every_code(tmp_path):
     """decoder_only: the decoder learns while the encoder, quant_conv and codebook stay bit-identical
     (restarts are off), so images tokenize exactly as before and existing token shards stay valid."""
-    module = VQGANModule(tokenizer=TINY16, optim={"lr": 1e-2, "total_steps": 4},
-                         codebook={"window": 1, "restart_every": 1, "restart_until": None}, decoder_only=True)
-    frozen = {k: v.clone() for k, v in module.vq_state_dict().items() if not k.startswith(("decoder.", "post_quant_conv."))}
+    module = VQGANModule(
+        tokenizer=TINY16,
+        optim={"lr": 1e-2, "total_steps": 4},
+        codebook={"window": 1, "restart_every": 1, "restart_until": None},
+        decoder_only=True,
+    )
+    frozen = {
+        k: v.clone() for k, v in module.vq_state_dict().items() if not k.startswith(("decoder.", "post_quant_conv."))
+    }
     decoder_before = module.vqgan.decoder.conv_out.weight.detach().clone()
     x = torch.rand(4, 3, 16, 16) * 2 - 1
     codes_before = module.vqgan.encode(x)[2]
-    trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        max_steps=4,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, train_dataloaders=_random_loader())
     after = module.vq_state_dict()
     assert all(torch.equal(v, after[k]) for k, v in frozen.items())

@@ -14,8 +14,17 @@ from cm3leon.tokenizers.vqgan import AttnBlock, Downsample
 
 # A taming-layout model small enough for fast tests, with every kind of block (attention in a level,
 # nin_shortcut, downsample, upsample).
-SMALL = dict(ch=32, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[8], z_channels=8, embed_dim=4,
-             n_embed=16, resolution=16, num_groups=8)
+SMALL = dict(
+    ch=32,
+    ch_mult=[1, 2],
+    num_res_blocks=1,
+    attn_resolutions=[8],
+    z_channels=8,
+    embed_dim=4,
+    n_embed=16,
+    resolution=16,
+    num_groups=8,
+)
 
 
 def test_paper256_has_taming_keys_and_shapes():
@@ -45,8 +54,12 @@ def test_paper256_has_taming_keys_and_shapes():
         assert key in sd, key
         assert tuple(sd[key].shape) == shape, key
     # levels without attention, the top level without downsample, the bottom level without upsample
-    for absent in ("encoder.down.0.attn.0.q.weight", "encoder.down.3.downsample.conv.weight",
-                   "decoder.up.0.upsample.conv.weight", "decoder.up.2.attn.0.q.weight"):
+    for absent in (
+        "encoder.down.0.attn.0.q.weight",
+        "encoder.down.3.downsample.conv.weight",
+        "decoder.up.0.upsample.conv.weight",
+        "decoder.up.2.attn.0.q.weight",
+    ):
         assert absent not in sd
     assert len(sd) == 299  # every parameter, no buffers
     assert all(k.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "quantize.")) for k in sd)
@@ -204,4 +217,3 @@ def test_quantizer_loss_and_straight_through():
     torch.testing.assert_close(z_q, e)
     z_q.sum().backward()
     torch.testing.assert_close(z.grad, torch.ones_like(z))  # straight-through: d z_q / d z = identity
-

@@ -12,13 +12,15 @@
 
 Error policy:
 - a `UsageError` (or `FileNotFoundError`) raised by the task is printed as one line,
-  `error: <message>`, and the script exits with code 2 (no traceback);
+  `error: <message>`, and the script exits with code 2 (no traceback), also when Hydra's
+  `instantiate` raised it while building an object of the config;
 - a bad command line that Hydra cannot compose (unknown key, wrong group option, bad override
   syntax) also exits with code 2, after Hydra's own message;
 - anything else is a real crash: Hydra prints its traceback (HYDRA_FULL_ERROR=1 for the whole one)
   and the exit code is 1.
 
-The checkout's root is derived from the entry script's path (`src/<script>.py` -> its parent's
+Before composing, the typed schemas of `cm3leon.config` are registered (conf/model/*.yaml and
+conf/train_tokenizer.yaml build on them). The checkout's root is derived from the entry script's path (`src/<script>.py` -> its parent's
 parent) and handed to the configs as the PROJECT_ROOT environment variable (conf/paths); the
 library itself never reads it.
 """
@@ -45,10 +47,21 @@ def project_root(script: str | Path) -> Path:
     return Path(script).resolve().parents[1]
 
 
+def usage_error_of(error: BaseException) -> BaseException | None:
+    """The usage error behind `error` (itself, or the cause Hydra's instantiate wrapped), or None."""
+    from hydra.errors import InstantiationException
+
+    while isinstance(error, InstantiationException) and error.__cause__ is not None:
+        error = error.__cause__
+    return error if isinstance(error, _USAGE_ERRORS) else None
+
+
 def report_usage_error(error: BaseException) -> None:
     """Print a usage error as one line and exit with `USAGE_EXIT_CODE`."""
-    message = str(error) if not isinstance(error, FileNotFoundError) or not error.filename else (
-        f"{error.filename}: {error.strerror or 'not found'}"
+    message = (
+        str(error)
+        if not isinstance(error, FileNotFoundError) or not error.filename
+        else (f"{error.filename}: {error.strerror or 'not found'}")
     )
     print(f"error: {' '.join(message.split())}", file=sys.stderr)
     sys.exit(USAGE_EXIT_CODE)
@@ -72,11 +85,17 @@ def hydra_entry(config_name: str, script: str | Path) -> Callable[[Callable[[Any
             started = True
             try:
                 return task(cfg)
-            except _USAGE_ERRORS as e:
-                report_usage_error(e)
+            except Exception as e:
+                usage = usage_error_of(e)
+                if usage is None:
+                    raise  # a real crash: Hydra prints the traceback
+                report_usage_error(usage)
 
         @functools.wraps(task)
         def main() -> Any:
+            from cm3leon.config import register_configs
+
+            register_configs()
             os.environ.setdefault("PROJECT_ROOT", str(root))
             try:
                 return hydra_main()

@@ -1,4 +1,5 @@
-"""Typed Hydra schemas of the main job's config groups, registered in Hydra's ConfigStore.
+"""Typed Hydra schemas of the project's configs, registered in Hydra's ConfigStore: the model (its
+sizes) and the VQGAN tokenizer's training recipe.
 
 The model sizes live in one place: `conf/model/<size>.yaml` holds only what differs between sizes
 (name, n_layer, d_model, n_head, max_seq_len, the training recipe) on top of `model_schema`, which
@@ -20,6 +21,8 @@ from omegaconf import MISSING
 
 from cm3leon.errors import UsageError
 from cm3leon.model import ModelConfig
+from cm3leon.tokenizers.vqgan import VQGANConfig
+from cm3leon.tokenizers.vqgan_loss import VQGANLossConfig
 
 MODEL_SCHEMA = "model_schema"  # the name a size yaml lists in its `defaults`
 
@@ -43,13 +46,69 @@ class ModelSchema(ModelConfig):
     recipe: RecipeConfig = field(default_factory=RecipeConfig)
 
 
+# ---- the VQGAN tokenizer's training (conf/train_tokenizer.yaml `module`; the architecture is
+# `VQGANConfig`, its losses `VQGANLossConfig`) -------------------------------------------------------
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.5, 0.9)  # taming's, for its GAN phase
+    weight_decay: float = 0.0
+    warmup_steps: int = 0  # linear warmup, then a cosine to lr * min_lr_ratio at total_steps
+    min_lr_ratio: float = 1.0
+    total_steps: int = 0  # the cosine's length (0: constant lr); may exceed max_steps
+    grad_clip: float = 0.0  # gradient norm clip of the autoencoder (0: off)
+    disc_lr: float | None = None  # None: same as lr
+
+
+@dataclass
+class CodebookConfig:
+    window: int = 50  # batches over which usage / perplexity / dead codes are counted
+    restart_every: int = 0  # restart dead codes every N batches (0: never)
+    restart_until: float | None = None  # no restarts from this step on (<= 1: a fraction of total_steps)
+    ema: bool = False  # EMA codebook instead of the codebook loss
+    ema_decay: float = 0.99
+
+
+@dataclass
+class CropConfig:
+    """Train on random crops aligned to the code grid first, full images after (a 32 px crop of a
+    64 px image costs 4x less per step)."""
+
+    size: int | None = None  # px; None: full images throughout
+    until: float = 0.0  # fraction of total_steps trained on crops
+
+
+@dataclass
+class ValConfig:
+    caption_accuracy: bool = False  # score reconstructions with the world's pixel checker
+    caption_samples: int = 1000
+
+
+@dataclass
+class VQGANTrainingConfig:
+    """The arguments of `VQGANModule` but the architecture: the schema of train_tokenizer's `module`."""
+
+    _target_: str = "cm3leon.lit.vqgan_module.VQGANModule"
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: VQGANLossConfig = field(default_factory=VQGANLossConfig)
+    codebook: CodebookConfig = field(default_factory=CodebookConfig)
+    crop: CropConfig = field(default_factory=CropConfig)
+    val: ValConfig = field(default_factory=ValConfig)
+    # train post_quant_conv + decoder only: the encoder, quant_conv and codebook are frozen and codes
+    # are never restarted, so every code (and every token shard made with them) stays valid
+    decoder_only: bool = False
+
+
 def register_configs() -> None:
-    """Store the schemas in Hydra's ConfigStore (idempotent). Call before composing a config that
-    uses the `model` group: `cm3leon.cli.hydra_entry` does it for every script, tests/conftest.py
-    for the tests."""
+    """Store the schemas in Hydra's ConfigStore (idempotent): `model/model_schema` (conf/model/*.yaml)
+    and `vqgan_architecture` / `vqgan_training` (conf/train_tokenizer.yaml). Call before composing:
+    `cm3leon.cli.hydra_entry` does it for every script, tests/conftest.py for the tests."""
     from hydra.core.config_store import ConfigStore
 
-    ConfigStore.instance().store(group="model", name=MODEL_SCHEMA, node=ModelSchema)
+    cs = ConfigStore.instance()
+    cs.store(group="model", name=MODEL_SCHEMA, node=ModelSchema)
+    cs.store(name="vqgan_architecture", node=VQGANConfig)
+    cs.store(name="vqgan_training", node=VQGANTrainingConfig)
 
 
 def load_model_config(conf_dir: str | Path, size: str, **overrides: Any) -> ModelConfig:

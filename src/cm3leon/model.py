@@ -140,8 +140,18 @@ class KVCache:
     static form (None) is what a CUDA graph replays.
     """
 
-    def __init__(self, n_layer: int, batch_size: int, n_head: int, max_len: int, head_dim: int,
-                 *, start: torch.Tensor | None = None, device=None, dtype=torch.float32):
+    def __init__(
+        self,
+        n_layer: int,
+        batch_size: int,
+        n_head: int,
+        max_len: int,
+        head_dim: int,
+        *,
+        start: torch.Tensor | None = None,
+        device=None,
+        dtype=torch.float32,
+    ):
         shape = (batch_size, n_head, max_len, head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
@@ -156,7 +166,8 @@ class KVCache:
             # the same as an additive mask in the cache's dtype: SDPA would convert a bool mask to
             # this in every layer of every decode step
             self._bias = torch.zeros(self._valid.shape, dtype=dtype, device=device).masked_fill(
-                ~self._valid, float("-inf"))  # [B, S]
+                ~self._valid, float("-inf")
+            )  # [B, S]
 
     def positions(self, input_pos: torch.Tensor) -> torch.Tensor:
         """Position ids of the tokens written at slots input_pos [T]: [T] (no padding) or [B, T]."""
@@ -213,8 +224,14 @@ class CausalSelfAttention(nn.Module):
         self.out_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)  # residual output
         self.attn_dropout = cfg.dropout
 
-    def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None = None,
-                cache: KVCache | None = None, layer: int = 0, mask: torch.Tensor | None = None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        input_pos: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        mask: torch.Tensor | None = None,
+    ):
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         # [B, T, C] -> [B, H, T, hd]
@@ -305,8 +322,14 @@ class CM3LeonLM(nn.Module):
                 nn.init.zeros_(block.mlp.fc2.weight)
 
     # ---- forward -------------------------------------------------------------------------
-    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None,
-                cache: KVCache | None = None, *, last_only: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        idx: torch.Tensor,
+        input_pos: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        *,
+        last_only: bool = False,
+    ) -> torch.Tensor:
         """idx [B, T] long -> logits [B, T, V] ([B, 1, V] with last_only: the last position only).
 
         Without a cache: a causal forward over idx; input_pos gives the position ids, [T] shared
@@ -322,7 +345,7 @@ class CM3LeonLM(nn.Module):
             pos = torch.arange(T, device=idx.device) if input_pos is None else input_pos
             if pos.shape not in ((T,), (B, T)):
                 raise ValueError(f"input_pos must have shape [{T}] or [{B}, {T}], got {tuple(pos.shape)}")
-            if T > self.config.max_seq_len:
+            if self.config.max_seq_len < T:
                 raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.config.max_seq_len}")
         else:
             if input_pos is None or input_pos.shape != (T,):
@@ -345,16 +368,25 @@ class CM3LeonLM(nn.Module):
             x = x[:, -1:]
         return self.lm_head(self.ln_f(x))  # [B, T, V]
 
-    def new_cache(self, batch_size: int, max_len: int | None = None, *, start: torch.Tensor | None = None,
-                  device=None, dtype=None) -> KVCache:
+    def new_cache(
+        self, batch_size: int, max_len: int | None = None, *, start: torch.Tensor | None = None, device=None, dtype=None
+    ) -> KVCache:
         """An empty KV cache for this model (default: max_seq_len slots, the weights' device/dtype);
         `start` [B]: first valid slot per row for left-padded prompts (see `KVCache`)."""
         cfg, w = self.config, self.tok_emb.weight
         max_len = cfg.max_seq_len if max_len is None else max_len
         if max_len > cfg.max_seq_len:
             raise ValueError(f"cache max_len={max_len} exceeds model.max_seq_len={cfg.max_seq_len}")
-        return KVCache(cfg.n_layer, batch_size, cfg.n_head, max_len, cfg.head_dim, start=start,
-                       device=w.device if device is None else device, dtype=w.dtype if dtype is None else dtype)
+        return KVCache(
+            cfg.n_layer,
+            batch_size,
+            cfg.n_head,
+            max_len,
+            cfg.head_dim,
+            start=start,
+            device=w.device if device is None else device,
+            dtype=w.dtype if dtype is None else dtype,
+        )
 
     # ---- accounting ----------------------------------------------------------------------
     def num_params(self, exclude_embeddings: bool = False) -> int:

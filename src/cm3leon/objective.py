@@ -157,8 +157,9 @@ def cm3_transform(
     if ids.ndim != 1 or ids.dtype.kind not in "iu":
         raise ValueError(f"cm3_transform expects a 1-D integer id array, got {ids.dtype} {ids.shape}")
     if not 0 <= min_spans <= max_spans or min_spans > vocab.n_sentinels:
-        raise ValueError(f"need 0 <= min_spans={min_spans} <= max_spans={max_spans} and min_spans <= "
-                         f"n_sentinels={vocab.n_sentinels}")
+        raise ValueError(
+            f"need 0 <= min_spans={min_spans} <= max_spans={max_spans} and min_spans <= n_sentinels={vocab.n_sentinels}"
+        )
     max_spans = min(max_spans, vocab.n_sentinels)  # a vocabulary with fewer sentinels caps the count
     ids = ids.astype(np.int64, copy=False)
     L = len(ids)
@@ -183,8 +184,9 @@ def cm3_transform(
     return cm3_apply_spans(ids, spans, vocab, seq_len=seq_len, truncate=truncate, n_content=n_content)
 
 
-def cm3_apply_spans(ids, spans, vocab: Vocab, *, seq_len: int | None = None, truncate: bool = True,
-                    n_content: int | None = None) -> Cm3Example:
+def cm3_apply_spans(
+    ids, spans, vocab: Vocab, *, seq_len: int | None = None, truncate: bool = True, n_content: int | None = None
+) -> Cm3Example:
     """Deterministic half of `cm3_transform`: mask the given spans [(start, end), ...].
 
     Spans must be non-empty, non-overlapping and inside the non-pad content; they are numbered in
@@ -199,7 +201,7 @@ def cm3_apply_spans(ids, spans, vocab: Vocab, *, seq_len: int | None = None, tru
     spans = sorted((int(s), int(e)) for s, e in spans)
     if not spans:
         cut = max(0, L - out_len) if truncate else 0
-        return Cm3Example(ids=ids[:L - cut].copy(), truncated=cut)
+        return Cm3Example(ids=ids[: L - cut].copy(), truncated=cut)
     ends = [0] + [e for _, e in spans]
     if any(e <= s or s < prev for (s, e), prev in zip(spans, ends)) or spans[-1][1] > n_content:
         raise ValueError(f"cm3_apply_spans: spans {spans} must be non-empty, non-overlapping, inside [0, {n_content})")
@@ -212,20 +214,20 @@ def cm3_apply_spans(ids, spans, vocab: Vocab, *, seq_len: int | None = None, tru
     app = n_content + k - sum(e - s for s, e in spans)  # where the appended spans start
     for i, (s, e) in enumerate(spans):
         # part 1: the block with each span replaced by its sentinel
-        out[pos:pos + s - prev] = ids[prev:s]
+        out[pos : pos + s - prev] = ids[prev:s]
         pos += s - prev
         out[pos] = vocab.first_sentinel_id + i
         pos += 1
         prev = e
         # part 2: "<sentinel:i> span <eoss>" appended in order
         out[app] = vocab.first_sentinel_id + i
-        out[app + 1:app + 1 + e - s] = ids[s:e]
+        out[app + 1 : app + 1 + e - s] = ids[s:e]
         out[app + 1 + e - s] = vocab.eoss_id
         app += e - s + 2
-    out[pos:pos + n_content - prev] = ids[prev:n_content]
-    out[n_content + 3 * k:] = PAD_ID  # the input's trailing pads
+    out[pos : pos + n_content - prev] = ids[prev:n_content]
+    out[n_content + 3 * k :] = PAD_ID  # the input's trailing pads
     cut = max(0, total - out_len) if truncate else 0
-    return Cm3Example(ids=out[:total - cut] if cut else out, spans=spans, n_spans=k, truncated=cut)
+    return Cm3Example(ids=out[: total - cut] if cut else out, spans=spans, n_spans=k, truncated=cut)
 
 
 def cm3_inverse(ids, vocab: Vocab) -> np.ndarray:
@@ -241,16 +243,21 @@ def cm3_inverse(ids, vocab: Vocab) -> np.ndarray:
     k = len(sent) // 2
     eoss = np.flatnonzero(ids == vocab.eoss_id)
     expected = vocab.first_sentinel_id + np.arange(k)
-    if (len(sent) != 2 * k or len(eoss) != k or not np.array_equal(ids[sent[:k]], expected)
-            or not np.array_equal(ids[sent[k:]], expected) or not np.all(eoss > sent[k:])):
+    if (
+        len(sent) != 2 * k
+        or len(eoss) != k
+        or not np.array_equal(ids[sent[:k]], expected)
+        or not np.array_equal(ids[sent[k:]], expected)
+        or not np.all(eoss > sent[k:])
+    ):
         raise ValueError("cm3_inverse: sequence is not a complete CM3 transform (truncated inside a span?)")
     pieces, prev = [], 0
     for i in range(k):
-        pieces.append(ids[prev:sent[i]])
-        pieces.append(ids[sent[k + i] + 1:eoss[i]])
+        pieces.append(ids[prev : sent[i]])
+        pieces.append(ids[sent[k + i] + 1 : eoss[i]])
         prev = sent[i] + 1
-    pieces.append(ids[prev:sent[k]])
-    pieces.append(ids[eoss[-1] + 1:])  # trailing pads
+    pieces.append(ids[prev : sent[k]])
+    pieces.append(ids[eoss[-1] + 1 :])  # trailing pads
     return np.concatenate(pieces)
 
 

@@ -158,4 +158,6 @@ class Vocab:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Vocab":
-        return cls(**{k: d[k] for k in ("text_size", "n_image_codes", "base_size", "n_sentinels", "pad_multiple") if k in d})
+        return cls(
+            **{k: d[k] for k in ("text_size", "n_image_codes", "base_size", "n_sentinels", "pad_multiple") if k in d}
+        )

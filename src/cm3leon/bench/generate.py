@@ -1,7 +1,7 @@
 """Generation speed: our KV-cached sampler vs Hugging Face `generate` on an OPT of the same dims.
 
     from cm3leon.bench.generate import bench_generate
-    bench_generate("cpu", vocab_size=world_vocab_size(bpe, vqgan))    # {'ours_tok_s': ..., 'hf_tok_s': ..., 'speedup': ..., 'same_tokens': True, ...}
+    bench_generate("cpu", conf_dir="conf", vocab_size=world_vocab_size(bpe, vqgan))    # {'ours_tok_s': ..., 'hf_tok_s': ..., 'speedup': ..., 'same_tokens': True, ...}
 
 Both models hold the SAME weights (ours copied into `OPTForCausalLM` configured as the paper's
 architecture, `hf_opt_reference`), see the same prompt, and generate the same number of new tokens
@@ -26,10 +26,11 @@ from pathlib import Path
 import torch
 
 from cm3leon.bench.train_step import hf_opt_reference
+from cm3leon.config import load_model_config
 from cm3leon.generation.sampling import DecodingConfig, Picker
 from cm3leon.generation.session import DecodeSession, sample_fixed
 from cm3leon.generation.tasks import generate, generate_images
-from cm3leon.model import CM3LeonLM, ModelConfig
+from cm3leon.model import CM3LeonLM
 from cm3leon.vocab import Vocab
 
 
@@ -90,15 +91,33 @@ def _alternate(ours, theirs, device: str, repeats: int):
 def _hf_generate(hf, prompt: torch.Tensor, n: int, do_sample: bool = False, top_p: float | None = None, **kw):
     """HF generate of exactly n new tokens (no EOS stop) -> new tokens [B, n]."""
     kw.update(dict(do_sample=True, top_p=top_p) if do_sample else dict(do_sample=False))
-    out = hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, use_cache=True, pad_token_id=1,
-                      eos_token_id=None, attention_mask=torch.ones_like(prompt), **kw)
-    return out[:, prompt.shape[1]:]
+    out = hf.generate(
+        prompt,
+        max_new_tokens=n,
+        min_new_tokens=n,
+        use_cache=True,
+        pad_token_id=1,
+        eos_token_id=None,
+        attention_mask=torch.ones_like(prompt),
+        **kw,
+    )
+    return out[:, prompt.shape[1] :]
 
 
 @torch.no_grad()
-def bench_generate(device: str = "cpu", *, size: str = "tiny", vocab_size: int | None = None,
-                   prompt_len: int = 32, new_tokens: int = 128, repeats: int = 3, seed: int = 0,
-                   with_350m: bool = True, cpu_threads: int = 1) -> dict:
+def bench_generate(
+    device: str = "cpu",
+    *,
+    conf_dir: str | Path,
+    size: str = "tiny",
+    vocab_size: int | None = None,
+    prompt_len: int = 32,
+    new_tokens: int = 128,
+    repeats: int = 3,
+    seed: int = 0,
+    with_350m: bool = True,
+    cpu_threads: int = 1,
+) -> dict:
     """Tokens/s of our sampler vs HF generate (same weights, prompt, new-token count, batch 1);
     on CUDA also the 350M image-generation numbers (see the module docstring).
 
@@ -113,25 +132,32 @@ def bench_generate(device: str = "cpu", *, size: str = "tiny", vocab_size: int |
     if device == "cpu":
         torch.set_num_threads(cpu_threads)
     try:
-        return _bench_generate(device, size, vocab_size, prompt_len, new_tokens, repeats, seed, with_350m)
+        return _bench_generate(device, conf_dir, size, vocab_size, prompt_len, new_tokens, repeats, seed, with_350m)
     finally:
         torch.set_num_threads(threads)
 
 
 @torch.no_grad()
-def _bench_generate(device, size, vocab_size, prompt_len, new_tokens, repeats, seed, with_350m) -> dict:
+def _bench_generate(device, conf_dir, size, vocab_size, prompt_len, new_tokens, repeats, seed, with_350m) -> dict:
     if vocab_size is None:
         raise ValueError("bench_generate needs vocab_size (src/bench.py passes the world's: world_vocab_size(...))")
     torch.manual_seed(seed)
     # non-zero residual outputs so that greedy decoding is not trivially constant
-    cfg = ModelConfig.from_name(size, vocab_size=vocab_size, zero_init_residual_out=False, init_std=0.02)
+    cfg = load_model_config(conf_dir, size, vocab_size=vocab_size, zero_init_residual_out=False, init_std=0.02)
     ours = CM3LeonLM(cfg).to(device).eval()
     hf = hf_opt_reference(cfg)
     copy_weights_to_opt(ours.cpu(), hf)
     ours, hf = ours.to(device), hf.to(device).eval()
     prompt = torch.randint(4, vocab_size, (1, prompt_len), device=device)
-    result = dict(device=device, size=size, vocab_size=vocab_size, batch_size=1, prompt_len=prompt_len,
-                  new_tokens=new_tokens, torch_threads=torch.get_num_threads())
+    result = dict(
+        device=device,
+        size=size,
+        vocab_size=vocab_size,
+        batch_size=1,
+        prompt_len=prompt_len,
+        new_tokens=new_tokens,
+        torch_threads=torch.get_num_threads(),
+    )
 
     ours_greedy = lambda: generate(ours, prompt, new_tokens, temperature=0.0)  # noqa: E731
     hf_greedy = lambda: _hf_generate(hf, prompt, new_tokens)  # noqa: E731
@@ -151,12 +177,19 @@ def _bench_generate(device, size, vocab_size, prompt_len, new_tokens, repeats, s
         return sample_fixed(session, Picker(dec), new_tokens, None)
 
     def hf_cfg():
-        return _hf_generate(hf, prompt, new_tokens, guidance_scale=3.0, negative_prompt_ids=uncond,
-                            negative_prompt_attention_mask=torch.ones_like(uncond))
+        return _hf_generate(
+            hf,
+            prompt,
+            new_tokens,
+            guidance_scale=3.0,
+            negative_prompt_ids=uncond,
+            negative_prompt_attention_mask=torch.ones_like(uncond),
+        )
 
     t_ours, t_hf, a, b = _alternate(ours_cfg, hf_cfg, device, repeats)
-    result.update(cfg_same_tokens=bool(torch.equal(a, b)), ours_cfg_tok_s=new_tokens / t_ours,
-                  hf_cfg_tok_s=new_tokens / t_hf)
+    result.update(
+        cfg_same_tokens=bool(torch.equal(a, b)), ours_cfg_tok_s=new_tokens / t_ours, hf_cfg_tok_s=new_tokens / t_hf
+    )
     result["cfg_speedup"] = result["ours_cfg_tok_s"] / result["hf_cfg_tok_s"]
 
     # top-p 0.9 sampling (different random streams: speed only)
@@ -166,10 +199,10 @@ def _bench_generate(device, size, vocab_size, prompt_len, new_tokens, repeats, s
     t_ours, t_hf, _, _ = _alternate(ours_topp, hf_topp, device, repeats)
     result.update(ours_topp_tok_s=new_tokens / t_ours, hf_topp_tok_s=new_tokens / t_hf)
     result["topp_speedup"] = result["ours_topp_tok_s"] / result["hf_topp_tok_s"]
-    del ours, hf
+    ours = hf = None  # free their memory before the 350M runs
     if device == "cuda" and with_350m:
-        result["gpu_350m"] = _guarded(bench_350m_image)
-        result["gpu_350m_batch"] = _guarded(bench_350m_batch)
+        result["gpu_350m"] = _guarded(lambda: bench_350m_image(conf_dir))
+        result["gpu_350m_batch"] = _guarded(lambda: bench_350m_batch(conf_dir))
     return result
 
 
@@ -177,57 +210,67 @@ def _guarded(fn) -> dict:
     """Run a GPU section; an error (e.g. out of memory) is recorded instead of ending the bench."""
     try:
         return fn()
-    except Exception as e:  # noqa: BLE001 - a bench section must not hide the others
+    except Exception as e:
         torch.cuda.empty_cache()
         return {"error": f"{type(e).__name__}: {str(e)[:300]}"}
 
 
-def _350m(dtype=torch.bfloat16) -> tuple[CM3LeonLM, Vocab]:
+def _350m(conf_dir: str | Path, dtype=torch.bfloat16) -> tuple[CM3LeonLM, Vocab]:
     vocab = Vocab.paper()
     torch.manual_seed(0)
-    model = CM3LeonLM(ModelConfig.from_name("350m", zero_init_residual_out=False)).cuda().to(dtype).eval()
+    model = CM3LeonLM(load_model_config(conf_dir, "350m", zero_init_residual_out=False)).cuda().to(dtype).eval()
     return model, vocab
 
 
 @torch.no_grad()
-def bench_350m_image(tokens_per_image: int = 1024, hf_tokens: int = 128, repeats: int = 3) -> dict:
+def bench_350m_image(
+    conf_dir: str | Path, tokens_per_image: int = 1024, hf_tokens: int = 128, repeats: int = 3
+) -> dict:
     """350M bf16, one image (1024 tokens) at batch 1 with CFG: s/image eager and with a CUDA graph;
     HF generate (same dims, bf16, no CFG) tokens/s over hf_tokens new tokens."""
-    model, vocab = _350m()
+    model, vocab = _350m(conf_dir)
     caption = torch.randint(4, 1000, (20,))
     dec = DecodingConfig(guidance_scale=3.0, top_p=0.9)
     out = dict(gpu=torch.cuda.get_device_name(), tokens_per_image=tokens_per_image, guidance_scale=3.0)
     for name, graph in (("eager", False), ("cuda_graph", True)):
-        gen = lambda: generate_images(model, vocab, [caption], tokens_per_image, decoding=dec,  # noqa: E731
-                                      cuda_graph=graph)
+
+        def gen(graph=graph):
+            return generate_images(model, vocab, [caption], tokens_per_image, decoding=dec, cuda_graph=graph)
+
         gen()  # warm-up (and capture)
         times = [_timed(gen, "cuda")[0] for _ in range(repeats)]
         out[f"{name}_s_per_image"] = statistics.median(times)
     hf = hf_opt_reference(model.config)
     copy_weights_to_opt(model.float().cpu(), hf)
-    del model
+    model = None  # free its memory
     hf = hf.cuda().to(torch.bfloat16).eval()
     prompt = torch.randint(4, 1000, (1, 22), device="cuda")
     _hf_generate(hf, prompt, 8)
     t, _ = _timed(lambda: _hf_generate(hf, prompt, hf_tokens, do_sample=True, top_p=0.9), "cuda")
     out["hf_tok_s_no_cfg"] = hf_tokens / t
     out["hf_s_per_image_extrapolated"] = tokens_per_image / out["hf_tok_s_no_cfg"]
-    del hf
+    hf = None  # free its memory
     torch.cuda.empty_cache()
     return out
 
 
 @torch.no_grad()
-def bench_350m_batch(n_images: int = 256, tokens_per_image: int = 1024) -> dict:
+def bench_350m_batch(conf_dir: str | Path, n_images: int = 256, tokens_per_image: int = 1024) -> dict:
     """350M bf16, n_images prompts with CFG (2 n_images rows) in one batch, CUDA graph: images/s."""
-    model, vocab = _350m()
+    model, vocab = _350m(conf_dir)
     captions = [torch.randint(4, 1000, (20,)) for _ in range(n_images)]
     dec = DecodingConfig(guidance_scale=3.0, top_p=0.9)
     torch.cuda.reset_peak_memory_stats()
-    t, _ = _timed(lambda: generate_images(model, vocab, captions, tokens_per_image, decoding=dec, cuda_graph=True),
-                  "cuda")
-    out = dict(n_images=n_images, rows=2 * n_images, seconds=t, images_per_s=n_images / t,
-               peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30)
-    del model
+    t, _ = _timed(
+        lambda: generate_images(model, vocab, captions, tokens_per_image, decoding=dec, cuda_graph=True), "cuda"
+    )
+    out = dict(
+        n_images=n_images,
+        rows=2 * n_images,
+        seconds=t,
+        images_per_s=n_images / t,
+        peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30,
+    )
+    model = None  # free its memory
     torch.cuda.empty_cache()
     return out

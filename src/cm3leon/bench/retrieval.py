@@ -64,7 +64,14 @@ def _sweep(index, queries, truth, k, exact_qps, param: str, values) -> dict:
     for v in values:
         set_search_params(index, **{param: v})
         qps, ids = _qps(index, queries, k)
-        rows.append({param: v, "qps": round(qps, 1), "recall_at_10": round(_recall(ids, truth), 4), "speedup": round(qps / exact_qps, 1)})
+        rows.append(
+            {
+                param: v,
+                "qps": round(qps, 1),
+                "recall_at_10": round(_recall(ids, truth), 4),
+                "speedup": round(qps / exact_qps, 1),
+            }
+        )
         if rows[-1]["recall_at_10"] >= RECALL_GOAL:
             break
     best = next((r for r in rows if r["recall_at_10"] >= RECALL_GOAL), rows[-1])
@@ -106,20 +113,36 @@ def _bench_bank(bank: np.ndarray, queries: np.ndarray, k: int, hnsw: bool, folde
     out = {"exact": {"build_s": st["seconds"], "qps": round(exact_qps, 1)}}
     del exact
     nlist = 1024
-    ivf, st = build_index(bank, IndexConfig(kind="ivf", nlist=nlist, train_size=40 * nlist, gpu=False), folder / "ivf.faiss")
-    out["ivf"] = {"factory": st["factory"], "build_s": st["seconds"], "train_s": st["train_seconds"],
-                  **_sweep(ivf, queries, truth, k, exact_qps, "nprobe", (1, 2, 4, 8, 16, 32, 64, 128, 256))}
+    ivf, st = build_index(
+        bank, IndexConfig(kind="ivf", nlist=nlist, train_size=40 * nlist, gpu=False), folder / "ivf.faiss"
+    )
+    out["ivf"] = {
+        "factory": st["factory"],
+        "build_s": st["seconds"],
+        "train_s": st["train_seconds"],
+        **_sweep(ivf, queries, truth, k, exact_qps, "nprobe", (1, 2, 4, 8, 16, 32, 64, 128, 256)),
+    }
     del ivf
     if hnsw:
-        index, st = build_index(bank, IndexConfig(kind="hnsw", hnsw_m=16, ef_construction=40, gpu=False), folder / "hnsw.faiss")
-        out["hnsw"] = {"factory": st["factory"], "build_s": st["seconds"],
-                       **_sweep(index, queries, truth, k, exact_qps, "ef_search", (16, 32, 64, 128, 256, 512))}
+        index, st = build_index(
+            bank, IndexConfig(kind="hnsw", hnsw_m=16, ef_construction=40, gpu=False), folder / "hnsw.faiss"
+        )
+        out["hnsw"] = {
+            "factory": st["factory"],
+            "build_s": st["seconds"],
+            **_sweep(index, queries, truth, k, exact_qps, "ef_search", (16, 32, 64, 128, 256, 512)),
+        }
     return out
 
 
 def bench_retrieval(
-    n: int = 200_000, dim: int = 512, n_queries: int = 1000, k: int = 10, threads: int = 2,
-    datasets: tuple[str, ...] = ("clustered",), hnsw: bool = False,
+    n: int = 200_000,
+    dim: int = 512,
+    n_queries: int = 1000,
+    k: int = 10,
+    threads: int = 2,
+    datasets: tuple[str, ...] = ("clustered",),
+    hnsw: bool = False,
 ) -> dict:
     """Build time, queries/s and recall@10 of IVF (and HNSW) vs exact search on synthetic CPU banks.
 

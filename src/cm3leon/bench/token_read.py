@@ -21,7 +21,9 @@ from cm3leon.objective import cm3_transform
 from cm3leon.vocab import Vocab
 
 
-def write_synthetic_token_shards(root: Path, n_shards: int, per_shard: int, tokens_per_image: int, vocab: Vocab) -> list[str]:
+def write_synthetic_token_shards(
+    root: Path, n_shards: int, per_shard: int, tokens_per_image: int, vocab: Vocab
+) -> list[str]:
     """Token shards of random captions (~24 BPE ids) and images, in the preprocess format."""
     rng = np.random.default_rng(0)
     paths = []

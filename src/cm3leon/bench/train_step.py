@@ -16,10 +16,12 @@ from __future__ import annotations
 import statistics
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from cm3leon.config import load_model_config
 from cm3leon.model import CM3LeonLM, ModelConfig
 from cm3leon.vocab import Vocab
 
@@ -33,12 +35,26 @@ def hf_opt_reference(cfg: ModelConfig):
     except ImportError as e:  # pragma: no cover - transformers is in requirements.txt
         raise RuntimeError("bench_train_step needs `transformers` (pip install -r requirements.txt)") from e
     hf_cfg = OPTConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layer,
-        ffn_dim=cfg.d_ff, num_attention_heads=cfg.n_head, max_position_embeddings=cfg.max_seq_len,
-        word_embed_proj_dim=cfg.d_model, do_layer_norm_before=True, activation_function=cfg.activation,
-        dropout=0.0, attention_dropout=0.0, layerdrop=0.0,
-        enable_bias=False, layer_norm_elementwise_affine=False, tie_word_embeddings=True,
-        init_std=cfg.init_std, pad_token_id=1, bos_token_id=0, eos_token_id=2, use_cache=False,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.d_model,
+        num_hidden_layers=cfg.n_layer,
+        ffn_dim=cfg.d_ff,
+        num_attention_heads=cfg.n_head,
+        max_position_embeddings=cfg.max_seq_len,
+        word_embed_proj_dim=cfg.d_model,
+        do_layer_norm_before=True,
+        activation_function=cfg.activation,
+        dropout=0.0,
+        attention_dropout=0.0,
+        layerdrop=0.0,
+        enable_bias=False,
+        layer_norm_elementwise_affine=False,
+        tie_word_embeddings=True,
+        init_std=cfg.init_std,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        use_cache=False,
     )
     hf_cfg._attn_implementation = "sdpa"
     return OPTForCausalLM(hf_cfg)
@@ -72,10 +88,21 @@ def _make_step(model, x, y, vocab_size: int, device: str, hf: bool):
     return step
 
 
-def bench_train_step(device: str = "cpu", *, size: str = "tiny", batch_size: int | None = None,
-                     seq_len: int | None = None, vocab_size: int | None = None, steps: int = 5,
-                     warmup: int = 2, seed: int = 0, with_350m: bool = True) -> dict:
-    """Time one forward+backward step of `size` for our model and HF OPT; on CUDA add 350M numbers.
+def bench_train_step(
+    device: str = "cpu",
+    *,
+    conf_dir: str | Path,
+    size: str = "tiny",
+    batch_size: int | None = None,
+    seq_len: int | None = None,
+    vocab_size: int | None = None,
+    steps: int = 5,
+    warmup: int = 2,
+    seed: int = 0,
+    with_350m: bool = True,
+) -> dict:
+    """Time one forward+backward step of `size` (conf_dir/model/<size>.yaml) for our model and HF
+    OPT; on CUDA add 350M numbers.
 
     Defaults: CPU batch 4 x seq 256, vocab 16,384 (a small world's table); CUDA batch 8 x the size's
     max_seq_len with the paper's vocabulary. Returns a dict of milliseconds, the speed-up
@@ -87,7 +114,7 @@ def bench_train_step(device: str = "cpu", *, size: str = "tiny", batch_size: int
         raise ValueError(f"device={device!r}: use 'cpu' or 'cuda'")
     on_gpu = device == "cuda"
     vocab_size = vocab_size or (Vocab.paper().size if on_gpu else 16_384)
-    cfg = ModelConfig.from_name(size, vocab_size=vocab_size)
+    cfg = load_model_config(conf_dir, size, vocab_size=vocab_size)
     B = batch_size or (8 if on_gpu else 4)
     T = seq_len or (cfg.max_seq_len if on_gpu else 256)
 
@@ -96,9 +123,16 @@ def bench_train_step(device: str = "cpu", *, size: str = "tiny", batch_size: int
     x, y = data[:, :-1].contiguous(), data[:, 1:].contiguous()
     ours = CM3LeonLM(cfg).to(device).train()
     theirs = hf_opt_reference(cfg).to(device).train()
-    result = dict(device=device, size=size, batch_size=B, seq_len=T, vocab_size=vocab_size,
-                  params_ours=ours.num_params(), params_hf=sum(p.numel() for p in theirs.parameters()),
-                  torch_threads=torch.get_num_threads())
+    result = dict(
+        device=device,
+        size=size,
+        batch_size=B,
+        seq_len=T,
+        vocab_size=vocab_size,
+        params_ours=ours.num_params(),
+        params_hf=sum(p.numel() for p in theirs.parameters()),
+        torch_threads=torch.get_num_threads(),
+    )
     # alternate the two so that a noisy neighbour on the machine hits both alike
     t_ours, t_hf = [], []
     for _ in range(2):
@@ -108,24 +142,32 @@ def bench_train_step(device: str = "cpu", *, size: str = "tiny", batch_size: int
     result["speedup"] = result["hf_ms"] / result["ours_ms"]
     del ours, theirs
     if on_gpu and with_350m:
-        result["gpu_350m"] = bench_350m_gpu(seed=seed)
+        result["gpu_350m"] = bench_350m_gpu(conf_dir, seed=seed)
     return result
 
 
-def bench_350m_gpu(batch_size: int = 4, seq_len: int = 4096, steps: int = 5, warmup: int = 2,
-                   seed: int = 0) -> dict:
+def bench_350m_gpu(
+    conf_dir: str | Path, batch_size: int = 4, seq_len: int = 4096, steps: int = 5, warmup: int = 2, seed: int = 0
+) -> dict:
     """350M at seq 4096, bf16 autocast, forward+backward: tokens/s and MFU vs 989 TFLOP/s."""
     if not torch.cuda.is_available():
         raise RuntimeError("bench_350m_gpu needs a CUDA device")
     torch.manual_seed(seed)
     torch.cuda.reset_peak_memory_stats()
-    cfg = ModelConfig.from_name("350m", max_seq_len=seq_len)
+    cfg = load_model_config(conf_dir, "350m", max_seq_len=seq_len)
     model = CM3LeonLM(cfg).cuda().train()
     data = torch.randint(4, cfg.vocab_size, (batch_size, seq_len + 1), device="cuda")
     step = _make_step(model, data[:, :-1].contiguous(), data[:, 1:].contiguous(), cfg.vocab_size, "cuda", False)
     ms = _time_steps(step, "cuda", steps, warmup)
     tokens_per_s = batch_size * seq_len / (ms / 1e3)
     flops = model.flops_per_token(seq_len)
-    return dict(batch_size=batch_size, seq_len=seq_len, step_ms=ms, tokens_per_s=tokens_per_s,
-                flops_per_token=flops, mfu=flops * tokens_per_s / H100_BF16_PEAK_FLOPS,
-                peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30, gpu=torch.cuda.get_device_name())
+    return dict(
+        batch_size=batch_size,
+        seq_len=seq_len,
+        step_ms=ms,
+        tokens_per_s=tokens_per_s,
+        flops_per_token=flops,
+        mfu=flops * tokens_per_s / H100_BF16_PEAK_FLOPS,
+        peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30,
+        gpu=torch.cuda.get_device_name(),
+    )

@@ -92,7 +92,9 @@ class CM3DataModule(L.LightningDataModule):
         self.world = dict(world or {})
         self.shipped_dir = shipped_dir
         if self.embedded_world and not (self.world.get("out_dir") and shipped_dir):
-            raise UsageError("data.embedded_world=true needs data.world.out_dir and data.shipped_dir (conf/data/world.yaml)")
+            raise UsageError(
+                "data.embedded_world=true needs data.world.out_dir and data.shipped_dir (conf/data/world.yaml)"
+            )
         self.neighbours: DocumentSource | None = None  # opened in setup when retrieval is on
         self._start_batch = 0
         self.vocab: Vocab | None = None
@@ -212,7 +214,10 @@ class CM3DataModule(L.LightningDataModule):
         return {"train_batches_consumed": consumed, "seed": self.seed, "micro_batch_size": self.micro_batch_size}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("micro_batch_size", self.micro_batch_size) != self.micro_batch_size or state.get("seed") != self.seed:
+        if (
+            state.get("micro_batch_size", self.micro_batch_size) != self.micro_batch_size
+            or state.get("seed") != self.seed
+        ):
             raise UsageError(
                 "resuming with a different data.seed or data.micro_batch_size would repeat or skip data; "
                 f"the checkpoint used seed={state.get('seed')} micro_batch_size={state.get('micro_batch_size')}"

@@ -38,10 +38,15 @@ def ensure_embedded_tokens(
     )
     files = tokenizer_files(cfg)  # hashed once for both splits
     if any(other_tokenizer(tokens / split, files) for split in ("train", "val")):
-        print(f"[world] {tokens} was made with other tokenizers than {shipped_dir}: removing it to tokenize again", flush=True)
+        print(
+            f"[world] {tokens} was made with other tokenizers than {shipped_dir}: removing it to tokenize again",
+            flush=True,
+        )
         shutil.rmtree(tokens)
     for split in ("train", "val"):
         if not _tokens_complete(tokens / split, raw / split):
-            print(f"[world] tokenizing the embedded world's {split} split (first use) into {tokens / split}", flush=True)
+            print(
+                f"[world] tokenizing the embedded world's {split} split (first use) into {tokens / split}", flush=True
+            )
             print(summary_line(preprocess_split(str(raw / split), tokens / split, cfg)), flush=True)
     return tokens

@@ -34,7 +34,9 @@ def _key_prefix(input_path: Path) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "_", input_path.stem if input_path.is_file() else input_path.name) + "_"
 
 
-def read_pairs(input: str | os.PathLike, image_column: str = "image", caption_column: str = "caption") -> Iterator[dict]:
+def read_pairs(
+    input: str | os.PathLike, image_column: str = "image", caption_column: str = "caption"
+) -> Iterator[dict]:
     """Yield {'image': Path | None, 'caption': str | None, 'extra': dict} rows from a folder, a CSV or a JSONL file.
 
     Folder: every image (any of IMAGE_EXTS, recursively, sorted) with a same-stem `.txt` caption

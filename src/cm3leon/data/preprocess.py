@@ -101,8 +101,10 @@ def _run_job(job: tuple[str, str]) -> dict:
 
 def tokenizer_files(cfg: PreprocessConfig) -> dict:
     """{image_tokenizer, text_tokenizer: {path, sha256}}: which files make a folder's token shards."""
-    return {name: {"path": str(path), "sha256": file_sha256(path)}
-            for name, path in (("image_tokenizer", cfg.image_tokenizer), ("text_tokenizer", cfg.text_tokenizer))}
+    return {
+        name: {"path": str(path), "sha256": file_sha256(path)}
+        for name, path in (("image_tokenizer", cfg.image_tokenizer), ("text_tokenizer", cfg.text_tokenizer))
+    }
 
 
 def other_tokenizer(out_dir: Path, files: dict) -> str | None:

@@ -22,11 +22,10 @@ generation read the document order and the framing from this one module.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-
-from collections.abc import Sequence
 
 from cm3leon.objective import cm3_apply_spans
 from cm3leon.vocab import EOS_ID, UNK_ID, Vocab
@@ -132,8 +131,14 @@ def infill_prompt(ids, spans: Sequence[tuple[int, int]], vocab: Vocab) -> list[i
     return out[: out.index(s0, first + 1) + 1]
 
 
-def caption_prompt(codes, vocab: Vocab, text_before: Sequence[int] = (), text_after: Sequence[int] = (),
-                   image_first: bool = False, retrieved: Sequence[Document] | None = None) -> list[int]:
+def caption_prompt(
+    codes,
+    vocab: Vocab,
+    text_before: Sequence[int] = (),
+    text_after: Sequence[int] = (),
+    image_first: bool = False,
+    retrieved: Sequence[Document] | None = None,
+) -> list[int]:
     """Image -> text by infilling: the query document `text_before <span> text_after <break> I` (or
     the image first) with the span masked, cut after the appended `<sentinel:0>` where the model
     writes the text up to `<eoss>`:

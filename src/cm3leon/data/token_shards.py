@@ -90,7 +90,9 @@ def read_meta(token_dir: str | Path) -> dict:
         )
     meta = json.loads(path.read_text())
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: token-shard format {meta.get('format_version')} != {FORMAT_VERSION}; rerun preprocess")
+        raise ValueError(
+            f"{path}: token-shard format {meta.get('format_version')} != {FORMAT_VERSION}; rerun preprocess"
+        )
     return meta
 
 

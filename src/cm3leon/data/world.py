@@ -186,9 +186,7 @@ def _alt(words) -> str:
 
 
 _PHRASE_TO_POSITION = {phrase: pos for pos, phrase in POSITION_PHRASES.items()}
-_SHAPE_RE = re.compile(
-    rf"a ({_alt(SIZES)}) ({_alt(COLOURS)}) ({_alt(KINDS)}) ({_alt(_PHRASE_TO_POSITION)})"
-)
+_SHAPE_RE = re.compile(rf"a ({_alt(SIZES)}) ({_alt(COLOURS)}) ({_alt(KINDS)}) ({_alt(_PHRASE_TO_POSITION)})")
 _CAPTION_RE = re.compile(rf"(.+) on a ({_alt(BACKGROUNDS)}) background")
 
 
@@ -338,7 +336,9 @@ def world_config(cfg: Mapping | WorldConfig | None = None, **overrides) -> World
         values = {k: cfg[k] for k in WorldConfig.__dataclass_fields__ if k in cfg}
     values.update(overrides)
     if not values.get("out_dir"):
-        raise UsageError("the embedded world's out_dir is not set: pass out_dir=FOLDER (the configs give ${paths.world_dir}/raw)")
+        raise UsageError(
+            "the embedded world's out_dir is not set: pass out_dir=FOLDER (the configs give ${paths.world_dir}/raw)"
+        )
     return WorldConfig(**values)
 
 

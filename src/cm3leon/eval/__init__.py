@@ -20,5 +20,12 @@ from cm3leon.eval.clip_score import ClipScorer, clip_score
 from cm3leon.eval.fid import ImageSet, MissingWeightsError, ResizeProtocol, compute_fid
 from cm3leon.eval.frechet import compute_clip_frechet
 
-__all__ = ["ClipScorer", "ImageSet", "MissingWeightsError", "ResizeProtocol", "clip_score", "compute_clip_frechet",
-           "compute_fid"]
+__all__ = [
+    "ClipScorer",
+    "ImageSet",
+    "MissingWeightsError",
+    "ResizeProtocol",
+    "clip_score",
+    "compute_clip_frechet",
+    "compute_fid",
+]

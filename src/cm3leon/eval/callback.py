@@ -31,6 +31,7 @@ Runs on global rank 0 (the model must not be sharded: DDP yes, FSDP no). Generat
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,29 +49,42 @@ METRICS = ("frechet", "clip_score", "caption_acc")
 
 class SampleCallback(L.Callback):
     """Args:
-        n_images: held-out captions, one image each.
-        every_n_steps: sample when trainer.global_step is a multiple of this; None: after every
-            validation (and at fit end when `at_fit_end`).
-        metrics: any of METRICS (empty: the grid alone).
-        feature_space: tiny_clip (Frechet distance in `clip_model`'s image space) | inception (FID).
-        clip_model, clip_pretrained: open_clip model (and weights: tag or file) for the CLIP score
-            and the tiny_clip feature space.
-        inception_weights: local Inception weights (None: torch hub's copy / download).
-        reference: folder or uint8 array [N, H, W, 3] of real images (see module docstring).
-        resize: {'method', 'size'} stage-1 resize protocol (default: to the tokenizer's resolution).
-        decoding: `DecodingConfig` fields (default: plain sampling, temperature 1).
-        batch_size: samples per model forward.
-        grid_images: images in the logged grid.
-        prefix: metric namespace (`val/caption_acc`, `eval/fid`, ...).
-        subdir: where grids go under the run folder (`<run dir>/<subdir>/step_XXXXXXX.png`).
+    n_images: held-out captions, one image each.
+    every_n_steps: sample when trainer.global_step is a multiple of this; None: after every
+        validation (and at fit end when `at_fit_end`).
+    metrics: any of METRICS (empty: the grid alone).
+    feature_space: tiny_clip (Frechet distance in `clip_model`'s image space) | inception (FID).
+    clip_model, clip_pretrained: open_clip model (and weights: tag or file) for the CLIP score
+        and the tiny_clip feature space.
+    inception_weights: local Inception weights (None: torch hub's copy / download).
+    reference: folder or uint8 array [N, H, W, 3] of real images (see module docstring).
+    resize: {'method', 'size'} stage-1 resize protocol (default: to the tokenizer's resolution).
+    decoding: `DecodingConfig` fields (default: plain sampling, temperature 1).
+    batch_size: samples per model forward.
+    grid_images: images in the logged grid.
+    prefix: metric namespace (`val/caption_acc`, `eval/fid`, ...).
+    subdir: where grids go under the run folder (`<run dir>/<subdir>/step_XXXXXXX.png`).
     """
 
-    def __init__(self, n_images: int = 16, every_n_steps: int | None = None, metrics: Sequence[str] = ("caption_acc",),
-                 feature_space: str = "tiny_clip", clip_model: str = TINY_CLIP,
-                 clip_pretrained: str | None = SHIPPED_WORLD_CLIP, inception_weights: str | None = None,
-                 reference=None, resize: dict | None = None, decoding: dict | None = None, batch_size: int = 64,
-                 grid_images: int = 16, seed: int = 0, at_fit_end: bool = False, prefix: str = "val",
-                 subdir: str = "samples"):
+    def __init__(
+        self,
+        n_images: int = 16,
+        every_n_steps: int | None = None,
+        metrics: Sequence[str] = ("caption_acc",),
+        feature_space: str = "tiny_clip",
+        clip_model: str = TINY_CLIP,
+        clip_pretrained: str | None = SHIPPED_WORLD_CLIP,
+        inception_weights: str | None = None,
+        reference=None,
+        resize: dict | None = None,
+        decoding: dict | None = None,
+        batch_size: int = 64,
+        grid_images: int = 16,
+        seed: int = 0,
+        at_fit_end: bool = False,
+        prefix: str = "val",
+        subdir: str = "samples",
+    ):
         self.metrics = tuple(metrics or ())
         unknown = sorted(set(self.metrics) - set(METRICS))
         if unknown:
@@ -170,7 +184,9 @@ class SampleCallback(L.Callback):
         dm = trainer.datamodule
         samples = dm.val_samples(self.n_images)
         if len(samples) < (2 if "frechet" in self.metrics else 1):
-            raise ValueError(f"SampleCallback: the validation set has {len(samples)} samples; not enough for {self.metrics}")
+            raise ValueError(
+                f"SampleCallback: the validation set has {len(samples)} samples; not enough for {self.metrics}"
+            )
         captions = [s.caption for s in samples]
         device = pl_module.device
         tokenizer = self._image_tokenizer(dm, device)
@@ -178,9 +194,15 @@ class SampleCallback(L.Callback):
         was_training = model.training
         model.eval()
         try:
-            codes = generate_images(model, pl_module.vocab, [np.asarray(s.text_ids, np.int64) for s in samples],
-                                    dm.tokens_per_image, decoding=DecodingConfig.from_dict(self.decoding),
-                                    seed=self.seed, batch_size=self.batch_size)
+            codes = generate_images(
+                model,
+                pl_module.vocab,
+                [np.asarray(s.text_ids, np.int64) for s in samples],
+                dm.tokens_per_image,
+                decoding=DecodingConfig.from_dict(self.decoding),
+                seed=self.seed,
+                batch_size=self.batch_size,
+            )
         finally:
             model.train(was_training)
         images = tokenizer.decode(codes)  # float [N, 3, R, R] in [-1, 1]
@@ -190,8 +212,14 @@ class SampleCallback(L.Callback):
         metrics: dict = {}
         if "frechet" in self.metrics:
             resize = ResizeProtocol.from_dict(self.resize or {"method": "lanczos", "size": tokenizer.resolution})
-            res = compare_image_sets(uint8, self._reference(captions, samples, tokenizer), space, resize=resize,
-                                     cache_dir=out_dir / "cache", kid_subsets=20)
+            res = compare_image_sets(
+                uint8,
+                self._reference(captions, samples, tokenizer),
+                space,
+                resize=resize,
+                cache_dir=out_dir / "cache",
+                kid_subsets=20,
+            )
             name, kd = ("fd_tiny_clip", "kd_tiny_clip") if self.feature_space == "tiny_clip" else ("fid", "kid")
             metrics.update({name: res["frechet"], kd: res["kid_mean"]})
         if "clip_score" in self.metrics:
@@ -199,17 +227,19 @@ class SampleCallback(L.Callback):
         if "caption_acc" in self.metrics:
             from cm3leon.data.checker import caption_accuracy
 
-            try:
+            with contextlib.suppress(ValueError):  # not world captions: nothing to check from pixels
                 metrics["caption_acc"] = caption_accuracy(list(uint8), captions)["correct"]
-            except ValueError:  # not world captions: nothing to check from pixels
-                pass
         # the grid, on disk and to W&B
         k = min(self.grid_images, len(images))
         path = save_grid(images[:k], out_dir / f"step_{trainer.global_step:07d}.png")
         (out_dir / f"step_{trainer.global_step:07d}.json").write_text(json.dumps({"captions": captions[:k], **metrics}))
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):  # WandbLogger
-                logger.log_image(key=f"{self.prefix}/samples", images=[str(path)], caption=[" | ".join(captions[:k])],
-                                 step=trainer.global_step)
+                logger.log_image(
+                    key=f"{self.prefix}/samples",
+                    images=[str(path)],
+                    caption=[" | ".join(captions[:k])],
+                    step=trainer.global_step,
+                )
         self.last_metrics, self.last_grid = metrics, path
         return metrics

@@ -23,13 +23,18 @@ class ClipScorer:
 
     encoder: an existing `DocumentEncoder` to reuse instead of loading one."""
 
-    def __init__(self, model_name: str = "ViT-B-32", pretrained: str | Path | None = None, device: str | None = None,
-                 batch_size: int = 128, encoder=None):
+    def __init__(
+        self,
+        model_name: str = "ViT-B-32",
+        pretrained: str | Path | None = None,
+        device: str | None = None,
+        batch_size: int = 128,
+        encoder=None,
+    ):
         if encoder is None:
             from cm3leon.retrieval.clip_encoder import DocumentEncoder
 
-            encoder = DocumentEncoder(model_name, pretrained=pretrained, device=device,
-                                      batch_size=batch_size)
+            encoder = DocumentEncoder(model_name, pretrained=pretrained, device=device, batch_size=batch_size)
         self.encoder = encoder
 
     def cosines(self, images: Sequence, captions: Sequence[str]) -> np.ndarray:
@@ -43,7 +48,9 @@ class ClipScorer:
         return {
             "clip_score_model": self.encoder.model_name,
             "clip_score_pretrained": str(self.encoder.pretrained),
-            "clip_score_pretrained_sha256": file_sha256(p) if p.is_file() else f"open_clip tag {self.encoder.pretrained}",
+            "clip_score_pretrained_sha256": file_sha256(p)
+            if p.is_file()
+            else f"open_clip tag {self.encoder.pretrained}",
         }
 
     def __call__(self, images: Sequence, captions: Sequence[str]) -> dict:
@@ -51,11 +58,20 @@ class ClipScorer:
         cos = self.cosines(images, captions)
         if not len(cos):
             raise ValueError("CLIP score needs at least one (image, caption) pair")
-        return {"clip_score": float(100.0 * np.maximum(cos, 0).mean()), "clip_cosine": float(cos.mean()),
-                "n": int(len(cos)), **self.describe()}
+        return {
+            "clip_score": float(100.0 * np.maximum(cos, 0).mean()),
+            "clip_cosine": float(cos.mean()),
+            "n": len(cos),
+            **self.describe(),
+        }
 
 
-def clip_score(images: Sequence, captions: Sequence[str], model_name: str = "ViT-B-32",
-               pretrained: str | Path | None = None, device: str | None = None) -> dict:
+def clip_score(
+    images: Sequence,
+    captions: Sequence[str],
+    model_name: str = "ViT-B-32",
+    pretrained: str | Path | None = None,
+    device: str | None = None,
+) -> dict:
     """One-call form of `ClipScorer(model_name, pretrained, device)(images, captions)`."""
     return ClipScorer(model_name, pretrained, device)(images, captions)

@@ -29,9 +29,10 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol, Sequence, Union
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -50,9 +51,13 @@ RESAMPLE = {
 }
 INCEPTION_NAME = "inception-v3-compat"
 INCEPTION_LAYER = "2048"  # FID's standard layer; the others are torch-fidelity's diagnostics (cheap early exits)
-INCEPTION_LAYERS = {"64": "64 (first max-pool)", "192": "192 (second max-pool)", "768": "768 (Mixed_6e)",
-                    "2048": "2048 (pool3)"}
-ImageSource = Union[str, Path, Sequence, np.ndarray, torch.Tensor]
+INCEPTION_LAYERS = {
+    "64": "64 (first max-pool)",
+    "192": "192 (second max-pool)",
+    "768": "768 (Mixed_6e)",
+    "2048": "2048 (pool3)",
+}
+ImageSource = str | Path | Sequence | np.ndarray | torch.Tensor
 
 
 class MissingWeightsError(RuntimeError):
@@ -124,8 +129,13 @@ class ImageSet(torch.utils.data.Dataset):
     lossless_only: refuse JPEG/WebP files (generated samples must be stored as PNG).
     """
 
-    def __init__(self, source: ImageSource, resize: ResizeProtocol = ResizeProtocol("none", None),
-                 lossless_only: bool = False, what: str = "images"):
+    def __init__(
+        self,
+        source: ImageSource,
+        resize: ResizeProtocol = ResizeProtocol("none", None),
+        lossless_only: bool = False,
+        what: str = "images",
+    ):
         self.resize, self.what = resize, what
         self.paths: list[Path] | None = None
         self.items: Sequence | None = None
@@ -135,7 +145,9 @@ class ImageSet(torch.utils.data.Dataset):
                 raise FileNotFoundError(f"{what}: no image files ({', '.join(IMAGE_EXTS)}) in {source}")
         elif isinstance(source, torch.Tensor):
             if source.dtype != torch.uint8 or source.dim() != 4 or source.shape[1] != 3:
-                raise ValueError(f"{what}: a tensor must be uint8 [N, 3, H, W], got {source.dtype} {tuple(source.shape)}")
+                raise ValueError(
+                    f"{what}: a tensor must be uint8 [N, 3, H, W], got {source.dtype} {tuple(source.shape)}"
+                )
             self.items = source.permute(0, 2, 3, 1).cpu().numpy()
         elif isinstance(source, np.ndarray):
             if source.dtype != np.uint8 or source.ndim != 4 or source.shape[3] != 3:
@@ -155,8 +167,10 @@ class ImageSet(torch.utils.data.Dataset):
         if lossless_only and self.paths is not None:
             lossy = [p for p in self.paths if p.suffix.lower().lstrip(".") in LOSSY_EXTS]
             if lossy:
-                raise ValueError(f"{what}: {len(lossy)} files are lossy ({lossy[0].name}); save generated samples "
-                                 "as PNG (JPEG artefacts shift FID)")
+                raise ValueError(
+                    f"{what}: {len(lossy)} files are lossy ({lossy[0].name}); save generated samples "
+                    "as PNG (JPEG artefacts shift FID)"
+                )
 
     def __len__(self) -> int:
         return len(self.paths) if self.paths is not None else len(self.items)
@@ -192,8 +206,10 @@ class ImageSet(torch.utils.data.Dataset):
 def collate_same_size(batch: list[torch.Tensor]) -> torch.Tensor:
     sizes = {tuple(x.shape) for x in batch}
     if len(sizes) > 1:
-        raise ValueError(f"images of different sizes {sorted(sizes)[:3]} in one batch: set a resize protocol "
-                         "(resize.method=lanczos resize.size=256) instead of none")
+        raise ValueError(
+            f"images of different sizes {sorted(sizes)[:3]} in one batch: set a resize protocol "
+            "(resize.method=lanczos resize.size=256) instead of none"
+        )
     return torch.stack(batch)
 
 
@@ -206,8 +222,6 @@ class FeatureSpace(Protocol):
     def describe(self) -> dict: ...  # name, layer, weights, weights_sha256 (all filled)
 
     def features(self, images: ImageSet) -> np.ndarray: ...
-
-
 
 
 class FeatureCache:
@@ -244,7 +258,9 @@ class FeatureCache:
         os.replace(tmp, p)
 
 
-def features_of(images: ImageSet, space: FeatureSpace, resize: ResizeProtocol, cache: FeatureCache) -> tuple[np.ndarray, str, bool]:
+def features_of(
+    images: ImageSet, space: FeatureSpace, resize: ResizeProtocol, cache: FeatureCache
+) -> tuple[np.ndarray, str, bool]:
     """(features [N, D] float32, content hash, whether they came from the cache)."""
     content = images.content_hash()
     key = cache.key(content, space.describe(), resize)
@@ -252,8 +268,17 @@ def features_of(images: ImageSet, space: FeatureSpace, resize: ResizeProtocol, c
     if cached is not None:
         return cached, content, True
     feats = np.asarray(space.features(images), dtype=np.float32)
-    cache.save(key, feats, {"content_hash": content, "n": len(images), "space": space.describe(),
-                            "resize": resize.to_dict(), "what": images.what})
+    cache.save(
+        key,
+        feats,
+        {
+            "content_hash": content,
+            "n": len(images),
+            "space": space.describe(),
+            "resize": resize.to_dict(),
+            "what": images.what,
+        },
+    )
     return feats, content, False
 
 
@@ -275,8 +300,9 @@ def frechet_distance(stats1: dict, stats2: dict) -> float:
     return float(fid_statistics_to_metric(stats1, stats2, verbose=False)[KEY_METRIC_FID])
 
 
-def kernel_distance(f1: np.ndarray, f2: np.ndarray, subsets: int = 100, subset_size: int = 1000,
-                    seed: int = 2020) -> tuple[float, float, int]:
+def kernel_distance(
+    f1: np.ndarray, f2: np.ndarray, subsets: int = 100, subset_size: int = 1000, seed: int = 2020
+) -> tuple[float, float, int]:
     """KID (torch-fidelity's: cubic polynomial kernel, unbiased MMD^2, mean/std over random subsets).
     The subset size is capped at the smaller set. Returns (mean, std, subset size used)."""
     from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
@@ -284,8 +310,14 @@ def kernel_distance(f1: np.ndarray, f2: np.ndarray, subsets: int = 100, subset_s
     size = min(int(subset_size), len(f1), len(f2))
     if size < 2:
         raise ValueError(f"KID needs at least 2 images per set, got {len(f1)} and {len(f2)}")
-    out = kid_features_to_metric(torch.from_numpy(np.asarray(f1, np.float32)), torch.from_numpy(np.asarray(f2, np.float32)),
-                                 kid_subsets=int(subsets), kid_subset_size=size, rng_seed=int(seed), verbose=False)
+    out = kid_features_to_metric(
+        torch.from_numpy(np.asarray(f1, np.float32)),
+        torch.from_numpy(np.asarray(f2, np.float32)),
+        kid_subsets=int(subsets),
+        kid_subset_size=size,
+        rng_seed=int(seed),
+        verbose=False,
+    )
     return float(out[KEY_METRIC_KID_MEAN]), float(out[KEY_METRIC_KID_STD]), size
 
 
@@ -314,10 +346,18 @@ def compare_image_sets(
     out = {"frechet": frechet_distance(feature_statistics(f_gen), feature_statistics(f_ref))}
     if kid:
         out["kid_mean"], out["kid_std"], out["kid_subset_size"] = kernel_distance(
-            f_gen, f_ref, kid_subsets, kid_subset_size, seed)
-    out.update(n_generated=len(gen), n_reference=len(ref), generated_hash=gen_hash, reference_hash=ref_hash,
-               generated_cached=gen_cached, reference_cached=ref_cached, feature_space=space.describe(),
-               resize=resize.to_dict())
+            f_gen, f_ref, kid_subsets, kid_subset_size, seed
+        )
+    out.update(
+        n_generated=len(gen),
+        n_reference=len(ref),
+        generated_hash=gen_hash,
+        reference_hash=ref_hash,
+        generated_cached=gen_cached,
+        reference_cached=ref_cached,
+        feature_space=space.describe(),
+        resize=resize.to_dict(),
+    )
     return out
 
 
@@ -336,12 +376,15 @@ def default_inception_path() -> Path:
 
 
 def _how_to_provide(default: Path) -> str:
-    return (f"download {inception_url()} on a machine with network access and pass "
-            f"fid.inception_weights=PATH (or put the file at {default})")
+    return (
+        f"download {inception_url()} on a machine with network access and pass "
+        f"fid.inception_weights=PATH (or put the file at {default})"
+    )
 
 
-def resolve_inception_weights(weights_path: str | Path | None = None, download: bool = True,
-                              timeout_s: float = 20.0) -> Path:
+def resolve_inception_weights(
+    weights_path: str | Path | None = None, download: bool = True, timeout_s: float = 20.0
+) -> Path:
     """The Inception weights file: `weights_path` when given, else torch-hub's copy, downloaded
     (torch-fidelity's default URL, sha256-prefix checked) when missing and `download`.
     Raises MissingWeightsError with a one-line message otherwise."""
@@ -354,8 +397,10 @@ def resolve_inception_weights(weights_path: str | Path | None = None, download: 
     if default.is_file():
         return default
     if not download:
-        raise MissingWeightsError(f"Inception weights for FID are missing ({default} does not exist and "
-                                  f"fid.download=false): {_how_to_provide(default)}")
+        raise MissingWeightsError(
+            f"Inception weights for FID are missing ({default} does not exist and "
+            f"fid.download=false): {_how_to_provide(default)}"
+        )
     import urllib.request
 
     try:
@@ -371,19 +416,28 @@ def resolve_inception_weights(weights_path: str | Path | None = None, download: 
             raise OSError(f"downloaded file's sha256 {h.hexdigest()[:12]} does not start with {prefix}")
         os.replace(tmp, default)
         return default
-    except Exception as e:  # noqa: BLE001 - no network, DNS, proxy, partial file: all mean "missing"
+    except Exception as e:
         if "tmp" in locals() and os.path.exists(tmp):
             os.unlink(tmp)
         reason = " ".join(str(e).split())[:120] or type(e).__name__
-        raise MissingWeightsError(f"Inception weights for FID are missing: {default} does not exist and the "
-                                  f"download failed ({reason}); {_how_to_provide(default)}") from None
+        raise MissingWeightsError(
+            f"Inception weights for FID are missing: {default} does not exist and the "
+            f"download failed ({reason}); {_how_to_provide(default)}"
+        ) from None
 
 
 class InceptionSpace:
     """torch-fidelity's `inception-v3-compat` extractor (pool3, 2048-d) as a FeatureSpace."""
 
-    def __init__(self, weights_path: str | Path | None = None, download: bool = True, device: str | None = None,
-                 batch_size: int = 64, num_workers: int = 0, feature_layer: str = INCEPTION_LAYER):
+    def __init__(
+        self,
+        weights_path: str | Path | None = None,
+        download: bool = True,
+        device: str | None = None,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        feature_layer: str = INCEPTION_LAYER,
+    ):
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
         from torch_fidelity.version import __version__ as tf_version
 
@@ -411,8 +465,9 @@ class InceptionSpace:
 
     @torch.no_grad()
     def features(self, images: ImageSet) -> np.ndarray:
-        loader = torch.utils.data.DataLoader(images, batch_size=self.batch_size, num_workers=self.num_workers,
-                                             collate_fn=collate_same_size)
+        loader = torch.utils.data.DataLoader(
+            images, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate_same_size
+        )
         out = [self.model(batch.to(self.device))[0].float().cpu() for batch in loader]
         return torch.cat(out).numpy()
 
@@ -457,8 +512,17 @@ def compute_fid(
     """
     resize = ResizeProtocol.from_dict(resize)
     space = InceptionSpace(weights_path, download, device, batch_size, num_workers, feature_layer)
-    out = compare_image_sets(generated, reference, space, resize=resize, cache_dir=cache_dir, kid=kid,
-                             kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, seed=seed)
+    out = compare_image_sets(
+        generated,
+        reference,
+        space,
+        resize=resize,
+        cache_dir=cache_dir,
+        kid=kid,
+        kid_subsets=kid_subsets,
+        kid_subset_size=kid_subset_size,
+        seed=seed,
+    )
     desc = out.pop("feature_space")
     return {
         "fid": out.pop("frechet"),

@@ -37,13 +37,18 @@ class ClipImageSpace:
     Also accepts an existing `DocumentEncoder` (`encoder=`) so that one model serves re-ranking,
     CLIP score and this distance."""
 
-    def __init__(self, model_name: str = TINY_CLIP, pretrained: str | Path | None = SHIPPED_WORLD_CLIP,
-                 device: str | None = None, batch_size: int = 256, encoder=None):
+    def __init__(
+        self,
+        model_name: str = TINY_CLIP,
+        pretrained: str | Path | None = SHIPPED_WORLD_CLIP,
+        device: str | None = None,
+        batch_size: int = 256,
+        encoder=None,
+    ):
         if encoder is None:
             from cm3leon.retrieval.clip_encoder import DocumentEncoder
 
-            encoder = DocumentEncoder(model_name, pretrained=pretrained, device=device,
-                                      batch_size=batch_size)
+            encoder = DocumentEncoder(model_name, pretrained=pretrained, device=device, batch_size=batch_size)
         self.encoder = encoder
         self.model_name = encoder.model_name
         p = Path(str(encoder.pretrained))
@@ -86,8 +91,17 @@ def compute_clip_frechet(
     reference_cached, generated_cached."""
     space = space or ClipImageSpace(model_name, pretrained, device)
     tag = metric_tag(space.model_name)
-    out = compare_image_sets(generated, reference, space, resize=ResizeProtocol.from_dict(resize), cache_dir=cache_dir,
-                             kid=kid, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, seed=seed)
+    out = compare_image_sets(
+        generated,
+        reference,
+        space,
+        resize=ResizeProtocol.from_dict(resize),
+        cache_dir=cache_dir,
+        kid=kid,
+        kid_subsets=kid_subsets,
+        kid_subset_size=kid_subset_size,
+        seed=seed,
+    )
     desc = out.pop("feature_space")
     res = {f"fd_{tag}": out.pop("frechet")}
     if kid:

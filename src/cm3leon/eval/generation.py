@@ -19,8 +19,8 @@ reproducible for a given device count and batch size; other counts draw other (e
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -29,7 +29,13 @@ import torch
 
 # the prompt sets and the image naming live in cm3leon.eval.prompts (no Lightning); re-exported here
 from cm3leon.eval.prompts import (  # noqa: F401
-    Prompt, coco_prompts, image_path, pending_prompts, world_prompts, world_references, write_prompts,
+    Prompt,
+    coco_prompts,
+    image_path,
+    pending_prompts,
+    world_prompts,
+    world_references,
+    write_prompts,
 )
 
 
@@ -54,8 +60,9 @@ def _as_list(batch: list) -> list:
 
 def prompt_loader(prompts: Sequence[Prompt], captions_per_batch: int) -> torch.utils.data.DataLoader:
     """Batches of prompt dicts (lists, not tensors); Lightning adds the distributed sampler."""
-    return torch.utils.data.DataLoader(PromptDataset(prompts), batch_size=captions_per_batch, shuffle=False,
-                                       collate_fn=_as_list)
+    return torch.utils.data.DataLoader(
+        PromptDataset(prompts), batch_size=captions_per_batch, shuffle=False, collate_fn=_as_list
+    )
 
 
 def batch_seed(seed: int, first_index: int) -> int:
@@ -86,10 +93,21 @@ class GenerationModule(L.LightningModule):
         image_tokenizer / text_tokenizer: override the tokenizer files recorded in the checkpoint.
     """
 
-    def __init__(self, ckpt_path: str | Path, images_dir: str | Path, decoding: dict | None = None,
-                 samples_per_caption: int = 1, rerank: dict | None = None, retrieval: dict | None = None,
-                 seed: int = 0, max_rows: int = 64, precision: str = "auto", cuda_graph: bool = False,
-                 image_tokenizer: str | None = None, text_tokenizer: str | None = None):
+    def __init__(
+        self,
+        ckpt_path: str | Path,
+        images_dir: str | Path,
+        decoding: dict | None = None,
+        samples_per_caption: int = 1,
+        rerank: dict | None = None,
+        retrieval: dict | None = None,
+        seed: int = 0,
+        max_rows: int = 64,
+        precision: str = "auto",
+        cuda_graph: bool = False,
+        image_tokenizer: str | None = None,
+        text_tokenizer: str | None = None,
+    ):
         super().__init__()
         from cm3leon.generation.sampling import DecodingConfig
 
@@ -97,10 +115,17 @@ class GenerationModule(L.LightningModule):
         self.n = int(samples_per_caption)
         self.rerank_cfg = dict(rerank or {})
         if self.n > 1 and not self.rerank_cfg.get("enabled"):
-            raise ValueError(f"samples_per_caption={self.n} needs rerank.enabled=true (the best sample per caption "
-                             "is kept by CLIP score)")
-        self.load_kwargs = {"ckpt": ckpt_path, "precision": precision, "image_tokenizer": image_tokenizer,
-                            "text_tokenizer": text_tokenizer, "retrieval": dict(retrieval or {})}
+            raise ValueError(
+                f"samples_per_caption={self.n} needs rerank.enabled=true (the best sample per caption "
+                "is kept by CLIP score)"
+            )
+        self.load_kwargs = {
+            "ckpt": ckpt_path,
+            "precision": precision,
+            "image_tokenizer": image_tokenizer,
+            "text_tokenizer": text_tokenizer,
+            "retrieval": dict(retrieval or {}),
+        }
         self.images_dir = Path(images_dir)
         self.seed, self.max_rows, self.cuda_graph = int(seed), int(max_rows), cuda_graph
         self.pipe = None  # loaded on the predict device in on_predict_start
@@ -114,8 +139,9 @@ class GenerationModule(L.LightningModule):
         if self.n > 1:
             from cm3leon.generation.rerank import ClipReranker
 
-            self.reranker = ClipReranker(self.rerank_cfg["model_name"], str(self.rerank_cfg["pretrained"]),
-                                         device=str(self.device))
+            self.reranker = ClipReranker(
+                self.rerank_cfg["model_name"], str(self.rerank_cfg["pretrained"]), device=str(self.device)
+            )
         self.images_dir.mkdir(parents=True, exist_ok=True)
 
     def predict_step(self, batch: list[dict], batch_idx: int) -> int:
@@ -133,8 +159,14 @@ class GenerationModule(L.LightningModule):
         docs = pipe.retrieve([b["caption"] for b in todo])  # by the prompt text, once per prompt
         retrieved = None if docs is None else [d for d in docs for _ in range(n)]
         codes = generate_images(
-            pipe.model, pipe.vocab, ids, pipe.tokens_per_image, decoding=self.decoding,
-            seed=batch_seed(self.seed, todo[0]["index"]), retrieved=retrieved, batch_size=self.max_rows,
+            pipe.model,
+            pipe.vocab,
+            ids,
+            pipe.tokens_per_image,
+            decoding=self.decoding,
+            seed=batch_seed(self.seed, todo[0]["index"]),
+            retrieved=retrieved,
+            batch_size=self.max_rows,
             cuda_graph=self.cuda_graph,
         )
         images = postprocess_pil(pipe.image_tokenizer.decode(codes))
@@ -147,8 +179,13 @@ class GenerationModule(L.LightningModule):
         return len(todo)
 
 
-def generate_missing(module_kwargs: dict[str, Any], prompts: Sequence[Prompt], images_dir: str | Path,
-                     trainer_kwargs: dict | None = None, captions_per_batch: int = 4) -> tuple[int, L.Trainer | None]:
+def generate_missing(
+    module_kwargs: dict[str, Any],
+    prompts: Sequence[Prompt],
+    images_dir: str | Path,
+    trainer_kwargs: dict | None = None,
+    captions_per_batch: int = 4,
+) -> tuple[int, L.Trainer | None]:
     """Generate the images of `prompts` that are not on disk (all devices via Lightning predict).
     Returns (prompts that were pending, the trainer or None when nothing was pending)."""
     pending = pending_prompts(prompts, images_dir)

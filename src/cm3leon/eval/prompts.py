@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -48,7 +48,9 @@ def write_prompts(prompts: Sequence[Prompt], path: str | Path) -> None:
 # =============================================================================================
 # Prompt sets
 # =============================================================================================
-def coco_prompts(captions_json: str | Path, n: int, seed: int = 0, images_dir: str | Path | None = None) -> list[Prompt]:
+def coco_prompts(
+    captions_json: str | Path, n: int, seed: int = 0, images_dir: str | Path | None = None
+) -> list[Prompt]:
     """n distinct MS-COCO images sampled with `seed` (numpy default_rng), one of each image's captions
     chosen with the same generator; prompts in sampling order, index 0..n-1.
 

@@ -29,8 +29,13 @@ class ClipReranker:
         device: default cuda when available.
     """
 
-    def __init__(self, model_name: str = "ViT-B-32", pretrained: str | None = None, device: str | None = None,
-                 batch_size: int = 64):
+    def __init__(
+        self,
+        model_name: str = "ViT-B-32",
+        pretrained: str | None = None,
+        device: str | None = None,
+        batch_size: int = 64,
+    ):
         from cm3leon.retrieval.clip_encoder import DocumentEncoder
 
         self.encoder = DocumentEncoder(model_name, pretrained=pretrained, device=device, batch_size=batch_size)

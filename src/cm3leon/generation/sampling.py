@@ -87,8 +87,9 @@ def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> tor
     return uncond + scale * (cond - uncond)
 
 
-def instruct_cfg_logits(full: torch.Tensor, img_cond: torch.Tensor, uncond: torch.Tensor,
-                        image_weight: float, text_weight: float) -> torch.Tensor:
+def instruct_cfg_logits(
+    full: torch.Tensor, img_cond: torch.Tensor, uncond: torch.Tensor, image_weight: float, text_weight: float
+) -> torch.Tensor:
     """Instruct-CFG (InstructPix2Pix): uncond + s_img (img_cond - uncond) + s_txt (full - img_cond).
     [B, V] x3 -> [B, V]."""
     return uncond + image_weight * (img_cond - uncond) + text_weight * (full - img_cond)
@@ -105,8 +106,14 @@ def cdk_candidates(expert_logits: torch.Tensor, alpha: float, k: int) -> torch.T
     return (logp >= threshold) & torch.isfinite(logp)
 
 
-def cdk_scores(expert_logits: torch.Tensor, amateur_logits: torch.Tensor, *, alpha: float = 0.5, k: int = 5,
-               amateur_temperature: float = 0.5) -> torch.Tensor:
+def cdk_scores(
+    expert_logits: torch.Tensor,
+    amateur_logits: torch.Tensor,
+    *,
+    alpha: float = 0.5,
+    k: int = 5,
+    amateur_temperature: float = 0.5,
+) -> torch.Tensor:
     """CD-K scores: log p_e - log p_a on `cdk_candidates`, -inf elsewhere. [B, V] x2 -> float [B, V].
 
     p_e = softmax(expert_logits), p_a = softmax(amateur_logits / amateur_temperature)."""
@@ -116,8 +123,9 @@ def cdk_scores(expert_logits: torch.Tensor, amateur_logits: torch.Tensor, *, alp
     return (logp_e - logp_a).masked_fill(~keep, NEG_INF)
 
 
-def truncate(logits: torch.Tensor, temperature: float = 1.0, top_p: float | None = None,
-             top_k: int | None = None) -> torch.Tensor:
+def truncate(
+    logits: torch.Tensor, temperature: float = 1.0, top_p: float | None = None, top_k: int | None = None
+) -> torch.Tensor:
     """temperature, then top-k, then top-p (-inf outside the kept set): [B, V] -> float [B, V]."""
     logits = apply_temperature(logits.float(), temperature)
     if top_k is not None and top_k > 0:
@@ -194,8 +202,11 @@ class DecodingConfig:
         d = {k: v for k, v in dict(d or {}).items() if k != "name"}
         old = d.pop("cfg_weight", None)
         if old is not None:
-            warnings.warn("decoding.cfg_weight is deprecated: use decoding.guidance_scale "
-                          f"(taking guidance_scale={old})", FutureWarning, stacklevel=2)
+            warnings.warn(
+                f"decoding.cfg_weight is deprecated: use decoding.guidance_scale (taking guidance_scale={old})",
+                FutureWarning,
+                stacklevel=2,
+            )
             d["guidance_scale"] = old
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
@@ -220,12 +231,14 @@ class Picker:
     `cdk_rows` (bool [B]) chooses CD-K per sample for the mixed strategy.
     """
 
-    def __init__(self, cfg: DecodingConfig, generator: torch.Generator | None = None,
-                 cdk_rows: torch.Tensor | None = None):
+    def __init__(
+        self, cfg: DecodingConfig, generator: torch.Generator | None = None, cdk_rows: torch.Tensor | None = None
+    ):
         self.cfg, self.generator, self.cdk_rows = cfg, generator, cdk_rows
         # decided once here: a per-step `.any()` would sync the GPU every token
-        self._any_cdk = cfg.strategy == "cdk" or (cfg.strategy == "mixed" and cdk_rows is not None
-                                                  and bool(cdk_rows.any()))
+        self._any_cdk = cfg.strategy == "cdk" or (
+            cfg.strategy == "mixed" and cdk_rows is not None and bool(cdk_rows.any())
+        )
 
     def expert(self, logits: torch.Tensor) -> torch.Tensor:
         """Guided logits [B, V] from the streams [S, B, V]."""
@@ -247,8 +260,7 @@ class Picker:
             if c.truncate_on == "conditional" and logits.shape[0] > 1 and c.temperature > 0:
                 # candidates from the conditional stream, probabilities from the guided logits
                 keep = torch.isfinite(truncate(restrict(logits[0].float(), allowed), c.temperature, c.top_p, c.top_k))
-                topp = sample_from_logits(expert.masked_fill(~keep, NEG_INF), c.temperature,
-                                          generator=self.generator)
+                topp = sample_from_logits(expert.masked_fill(~keep, NEG_INF), c.temperature, generator=self.generator)
             else:
                 topp = sample_from_logits(expert, c.temperature, c.top_p, c.top_k, self.generator)
             if not self._any_cdk:
@@ -256,8 +268,9 @@ class Picker:
         if logits.shape[0] < 2:
             raise ValueError("CD-K needs the unconditional stream as its amateur (2 or 3 streams)")
         amateur = restrict(logits[-1].float(), allowed)
-        scores = cdk_scores(expert, amateur, alpha=c.cdk_alpha, k=c.cdk_k,
-                            amateur_temperature=c.cdk_amateur_temperature)
+        scores = cdk_scores(
+            expert, amateur, alpha=c.cdk_alpha, k=c.cdk_k, amateur_temperature=c.cdk_amateur_temperature
+        )
         t = c.temperature if c.cdk_temperature is None else c.cdk_temperature
         cdk = sample_from_logits(scores, t, generator=self.generator)
         if topp is None:

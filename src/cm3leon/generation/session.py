@@ -39,9 +39,17 @@ class DecodeSession:
         compile: torch.compile the decode step (GPU: pair it with cuda_graph).
     """
 
-    def __init__(self, model: CM3LeonLM, prompts: Sequence[Sequence[int]], n_streams: int = 1,
-                 max_new_tokens: int = 0, *, static: bool = False, cuda_graph: bool = False,
-                 compile: bool = False):
+    def __init__(
+        self,
+        model: CM3LeonLM,
+        prompts: Sequence[Sequence[int]],
+        n_streams: int = 1,
+        max_new_tokens: int = 0,
+        *,
+        static: bool = False,
+        cuda_graph: bool = False,
+        compile: bool = False,
+    ):
         R = len(prompts)
         if R == 0 or R % n_streams:
             raise ValueError(f"{R} prompts cannot be split into {n_streams} streams")
@@ -53,11 +61,12 @@ class DecodeSession:
         lens = torch.tensor([len(p) for p in prompts], device=device)
         P = int(lens.max())
         if P + max_new_tokens > model.config.max_seq_len:
-            raise ValueError(f"prompt ({P}) + new tokens ({max_new_tokens}) exceed model.max_seq_len="
-                             f"{model.config.max_seq_len}")
+            raise ValueError(
+                f"prompt ({P}) + new tokens ({max_new_tokens}) exceed model.max_seq_len={model.config.max_seq_len}"
+            )
         idx = torch.full((R, P), PAD_ID, dtype=torch.long)
         for r, p in enumerate(prompts):
-            idx[r, P - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
+            idx[r, P - len(p) :] = torch.as_tensor(list(p), dtype=torch.long)
         idx = idx.to(device)
         start = P - lens  # [R]
         max_len = min(round_up(P + max_new_tokens, 8), model.config.max_seq_len)  # aligned mask rows
@@ -118,8 +127,9 @@ class DecodeSession:
         self.feed(torch.full((self.B,), int(token_id), dtype=torch.long, device=self.device))
 
 
-def sample_fixed(session: DecodeSession, picker: Picker, n_tokens: int, allowed: torch.Tensor | None,
-                 then_feed: bool = False) -> torch.Tensor:
+def sample_fixed(
+    session: DecodeSession, picker: Picker, n_tokens: int, allowed: torch.Tensor | None, then_feed: bool = False
+) -> torch.Tensor:
     """Sample exactly n_tokens per sample -> ids [B, n_tokens]. The last one is fed to the session
     only when `then_feed` (the caller continues the sequence)."""
     out = torch.empty(session.B, n_tokens, dtype=torch.long, device=session.device)
@@ -131,8 +141,9 @@ def sample_fixed(session: DecodeSession, picker: Picker, n_tokens: int, allowed:
     return out
 
 
-def sample_until(session: DecodeSession, picker: Picker, stop_id: int, max_len: int,
-                 allowed: torch.Tensor | None) -> list[list[int]]:
+def sample_until(
+    session: DecodeSession, picker: Picker, stop_id: int, max_len: int, allowed: torch.Tensor | None
+) -> list[list[int]]:
     """Sample per sample until `stop_id` or max_len tokens -> B id lists (stop token excluded).
     Finished samples keep emitting stop_id (not returned) until all are done."""
     done = torch.zeros(session.B, dtype=torch.bool, device=session.device)

@@ -49,7 +49,7 @@ def _generator(model: CM3LeonLM, seed: int, generator: torch.Generator | None) -
 
 
 def _chunks(n: int, size: int | None):
-    size = n if not size else size
+    size = size if size else n
     for s in range(0, n, size):
         yield s, min(n, s + size)
 
@@ -110,8 +110,9 @@ def generate_images(
         prompts = [text_to_image_prompt(captions_ids[i], vocab, docs[i - s]) for i in range(s, e)]
         if dec.needs_uncond:
             prompts += [unconditional_prompt(vocab, d) for d in docs]
-        session = DecodeSession(model, prompts, 2 if dec.needs_uncond else 1,
-                                tokens_per_image + int(then_break), cuda_graph=cuda_graph)
+        session = DecodeSession(
+            model, prompts, 2 if dec.needs_uncond else 1, tokens_per_image + int(then_break), cuda_graph=cuda_graph
+        )
         picker = Picker(dec, gen, mixed_rows(s, e - s, device))
         ids = sample_fixed(session, picker, tokens_per_image, allowed, then_feed=then_break)
         if then_break:
@@ -176,12 +177,17 @@ def caption_images(
     codes [N, hw] -> N lists of BPE ids. temperature 0 is greedy.
     """
     codes = torch.as_tensor(codes)
-    prompts = [caption_prompt(codes[i], vocab, text_before, text_after, image_first,
-                              retrieved[i] if retrieved is not None else None) for i in range(codes.shape[0])]
+    prompts = [
+        caption_prompt(
+            codes[i], vocab, text_before, text_after, image_first, retrieved[i] if retrieved is not None else None
+        )
+        for i in range(codes.shape[0])
+    ]
     session = DecodeSession(model, prompts, 1, max_len)
     picker = Picker(DecodingConfig(temperature=temperature, top_p=top_p), _generator(model, seed, generator))
-    allowed = id_mask(model.config.vocab_size, [(UNK_ID + 1, vocab.text_size), (vocab.eoss_id, vocab.eoss_id + 1)],
-                      _device(model))
+    allowed = id_mask(
+        model.config.vocab_size, [(UNK_ID + 1, vocab.text_size), (vocab.eoss_id, vocab.eoss_id + 1)], _device(model)
+    )
     return sample_until(session, picker, vocab.eoss_id, max_len, allowed)
 
 
@@ -210,11 +216,12 @@ def infill_images(
     spans = sorted((int(s), int(e)) for s, e in spans)
     if not spans or any(not 0 <= s < e <= hw for s, e in spans):
         raise ValueError(f"infill_images: spans {spans} must be non-empty and inside [0, {hw})")
-    prompts = [image_infill_prompt(codes[i], spans, vocab, None if text_ids is None else text_ids[i])
-               for i in range(N)]
+    prompts = [image_infill_prompt(codes[i], spans, vocab, None if text_ids is None else text_ids[i]) for i in range(N)]
     total = sum(e - s for s, e in spans) + 2 * (len(spans) - 1)
     session = DecodeSession(model, prompts, 1, total)
-    picker = Picker(DecodingConfig(temperature=temperature, top_p=top_p, top_k=top_k), _generator(model, seed, generator))
+    picker = Picker(
+        DecodingConfig(temperature=temperature, top_p=top_p, top_k=top_k), _generator(model, seed, generator)
+    )
     allowed = id_mask(model.config.vocab_size, [vocab.image_id_range], _device(model))
     out = codes.clone()
     for j, (s, e) in enumerate(spans):

@@ -9,7 +9,6 @@ from pathlib import Path
 import lightning as L
 
 
-
 def batch_size_fn(batch: dict) -> int:
     """Sequences in a batch (for ThroughputMonitor)."""
     return int(batch["input_ids"].shape[0])

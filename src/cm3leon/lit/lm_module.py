@@ -51,17 +51,17 @@ class TokenCounts(Metric):
 
 class CM3LeonLitModule(L.LightningModule):
     """Args:
-        model: ModelConfig fields (conf/model/*.yaml; its `recipe` is ignored); vocab_size is taken
-            from `vocab`.
-        vocab: `Vocab.to_dict()` of the training data. None (training from `conf/train.yaml`): taken
-            from the trainer's DataModule once it has prepared its data, when Lightning calls
-            `configure_model`; it is then saved in the hyperparameters with `data_meta`, so that
-            `load_from_checkpoint` builds the model at once.
-        optim: {lr, betas, eps, weight_decay, warmup_steps, final_lr_ratio} (conf/optim).
-        compile: wrap the model in torch.compile.
-        data_meta: the token shards' meta.json (tokenizer paths and hashes, tokens per image) and the
-            retrieval settings, kept in the checkpoint so that generation and evaluation find the
-            matching tokenizers and memory bank (default: the DataModule's `data_meta()`).
+    model: ModelConfig fields (conf/model/*.yaml; its `recipe` is ignored); vocab_size is taken
+        from `vocab`.
+    vocab: `Vocab.to_dict()` of the training data. None (training from `conf/train.yaml`): taken
+        from the trainer's DataModule once it has prepared its data, when Lightning calls
+        `configure_model`; it is then saved in the hyperparameters with `data_meta`, so that
+        `load_from_checkpoint` builds the model at once.
+    optim: {lr, betas, eps, weight_decay, warmup_steps, final_lr_ratio} (conf/optim).
+    compile: wrap the model in torch.compile.
+    data_meta: the token shards' meta.json (tokenizer paths and hashes, tokens per image) and the
+        retrieval settings, kept in the checkpoint so that generation and evaluation find the
+        matching tokenizers and memory bank (default: the DataModule's `data_meta()`).
     """
 
     def __init__(
@@ -87,7 +87,9 @@ class CM3LeonLitModule(L.LightningModule):
             return
         dm = self.trainer.datamodule
         if dm is None:
-            raise UsageError("CM3LeonLitModule without vocab= needs a CM3DataModule: trainer.fit(module, datamodule=dm)")
+            raise UsageError(
+                "CM3LeonLitModule without vocab= needs a CM3DataModule: trainer.fit(module, datamodule=dm)"
+            )
         vocab = dm.load_meta()
         self.hparams.update(vocab=vocab.to_dict(), data_meta=self.hparams.get("data_meta") or dm.data_meta())
         self._build(vocab)

@@ -7,86 +7,26 @@ logged over the last `codebook.window` batches (usage fraction, perplexity, dead
 are restarted from random recent encoder outputs every `codebook.restart_every` steps, or the
 codebook is trained by EMA (`codebook.ema`).
 
-Every training default is written once, in the dataclasses below (and `VQGANConfig`,
-`VQGANLossConfig`); `register_configs` hands them to Hydra as the schemas conf/train_tokenizer.yaml
-builds on, so that file holds only the embedded world's recipe (what differs).
+Every training default is written once, in the dataclasses of `cm3leon.config` (and `VQGANConfig`,
+`VQGANLossConfig`); `cm3leon.config.register_configs` hands them to Hydra as the schemas
+conf/train_tokenizer.yaml builds on, so that file holds only the embedded world's recipe.
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 
+from cm3leon.config import CodebookConfig, CropConfig, OptimConfig, ValConfig
 from cm3leon.data.checker import caption_accuracy
 from cm3leon.tokenizers.image_processing import postprocess
 from cm3leon.tokenizers.vqgan import VQGANConfig, VQModel
 from cm3leon.tokenizers.vqgan_loss import VQGANLoss, VQGANLossConfig
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 1e-4
-    betas: tuple[float, float] = (0.5, 0.9)  # taming's, for its GAN phase
-    weight_decay: float = 0.0
-    warmup_steps: int = 0  # linear warmup, then a cosine to lr * min_lr_ratio at total_steps
-    min_lr_ratio: float = 1.0
-    total_steps: int = 0  # the cosine's length (0: constant lr); may exceed max_steps
-    grad_clip: float = 0.0  # gradient norm clip of the autoencoder (0: off)
-    disc_lr: float | None = None  # None: same as lr
-
-
-@dataclass
-class CodebookConfig:
-    window: int = 50  # batches over which usage / perplexity / dead codes are counted
-    restart_every: int = 0  # restart dead codes every N batches (0: never)
-    restart_until: float | None = None  # no restarts from this step on (<= 1: a fraction of total_steps)
-    ema: bool = False  # EMA codebook instead of the codebook loss
-    ema_decay: float = 0.99
-
-
-@dataclass
-class CropConfig:
-    """Train on random crops aligned to the code grid first, full images after (a 32 px crop of a
-    64 px image costs 4x less per step)."""
-
-    size: int | None = None  # px; None: full images throughout
-    until: float = 0.0  # fraction of total_steps trained on crops
-
-
-@dataclass
-class ValConfig:
-    caption_accuracy: bool = False  # score reconstructions with the world's pixel checker
-    caption_samples: int = 1000
-
-
-@dataclass
-class VQGANTrainingConfig:
-    """The arguments of `VQGANModule` but the architecture: the schema of train_tokenizer's `module`."""
-
-    _target_: str = "cm3leon.lit.vqgan_module.VQGANModule"
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    loss: VQGANLossConfig = field(default_factory=VQGANLossConfig)
-    codebook: CodebookConfig = field(default_factory=CodebookConfig)
-    crop: CropConfig = field(default_factory=CropConfig)
-    val: ValConfig = field(default_factory=ValConfig)
-    # train post_quant_conv + decoder only: the encoder, quant_conv and codebook are frozen and codes
-    # are never restarted, so every code (and every token shard made with them) stays valid
-    decoder_only: bool = False
-
-
-def register_configs() -> None:
-    """Store the schemas that conf/train_tokenizer.yaml's defaults list names (call before composing)."""
-    from hydra.core.config_store import ConfigStore
-
-    cs = ConfigStore.instance()
-    cs.store(name="vqgan_architecture", node=VQGANConfig)
-    cs.store(name="vqgan_training", node=VQGANTrainingConfig)
 
 
 def _config(cls, value):
@@ -189,7 +129,7 @@ class VQGANModule(L.LightningModule):
     # ---- training ---------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         opts = self.optimizers()
-        opt_g, opt_d = (opts if isinstance(opts, (list, tuple)) else (opts, None))
+        opt_g, opt_d = opts if isinstance(opts, (list, tuple)) else (opts, None)
         step = self._step_count()
         x = self._train_view(batch["image"], step)
 
@@ -241,8 +181,11 @@ class VQGANModule(L.LightningModule):
         p = counts / counts.sum()
         perplexity = torch.exp(-(p * torch.log(p + 1e-10)).sum()).item()
         used = int((counts > 0).sum())
-        return {"train/codebook_usage": used / self.cfg.n_embed, "train/perplexity": perplexity,
-                "train/dead_codes": float(self.cfg.n_embed - used)}
+        return {
+            "train/codebook_usage": used / self.cfg.n_embed,
+            "train/perplexity": perplexity,
+            "train/dead_codes": float(self.cfg.n_embed - used),
+        }
 
     @torch.no_grad()
     def _maybe_restart_codes(self, step: int) -> None:
@@ -343,8 +286,10 @@ class VQGANModule(L.LightningModule):
         old = sd[key].float()
         n_old, n_new = old.shape[0], self.cfg.n_embed
         if old.shape[1] != self.cfg.embed_dim or n_old > n_new:
-            raise ValueError(f"codebook [{n_old}, {old.shape[1]}] cannot start a [{n_new}, {self.cfg.embed_dim}] one: "
-                             "init_from needs the same embed_dim and at most tokenizer.n_embed codes")
+            raise ValueError(
+                f"codebook [{n_old}, {old.shape[1]}] cannot start a [{n_new}, {self.cfg.embed_dim}] one: "
+                "init_from needs the same embed_dim and at most tokenizer.n_embed codes"
+            )
         if n_old < n_new:
             grown = old[torch.arange(n_new) % n_old]
             grown[n_old:] += noise * old.std() * torch.randn_like(grown[n_old:])

@@ -6,7 +6,7 @@ that put retrieved documents before a query at training and generation time.
     tiny_clip.py     the embedded world's tiny open_clip model (registered by name), world_clip.pt
     index.py         FAISS index build/load (flat, IVF, IVF-PQ, HNSW; sharded; memory-mapped), KeyMap
     token_store.py   bank row/key -> (text ids, image codes), memory-mapped
-    neighbours.py    the selection rule, the offline build (`src/build_index.py`), build_neighbour_source
+    neighbours.py    the selection rule, the offline build (`src/build_index.py`), NeighbourPool (training)
     retriever.py     Retriever: prompt text -> documents, for generation and evaluation
     protocol.py      the one retrieval protocol: documents(queries, k, rng) -> list[list[Document]]
 
@@ -17,7 +17,8 @@ open_clip is imported only where a model is built (it takes seconds to import).
 _EXPORTS = {
     "DocumentEncoder": "cm3leon.retrieval.clip_encoder",
     "document_vectors": "cm3leon.retrieval.clip_encoder",
-    "build_neighbour_source": "cm3leon.retrieval.neighbours",
+    "NeighbourPool": "cm3leon.retrieval.neighbours",
+    "ensure_retrieval": "cm3leon.retrieval.neighbours",
     "build_retrieval": "cm3leon.retrieval.neighbours",
     "select_neighbours": "cm3leon.retrieval.neighbours",
     "DocumentSource": "cm3leon.retrieval.protocol",

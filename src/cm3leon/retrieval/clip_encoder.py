@@ -55,7 +55,7 @@ def drop_tokens(
     special = torch.tensor(sorted(special_ids | {pad_id}), dtype=tokens.dtype)
     for b, row in enumerate(tokens):
         content = torch.nonzero(~torch.isin(row, special)).flatten().numpy()
-        n_drop = min(int(round(rate * len(content))), max(0, len(content) - 1))
+        n_drop = min(round(rate * len(content)), max(0, len(content) - 1))
         dropped = rng.choice(content, n_drop, replace=False) if n_drop else np.zeros(0, np.int64)
         keep = np.ones(len(row), bool)
         keep[dropped] = False

@@ -67,7 +67,7 @@ def resolve_kind(cfg: IndexConfig, n: int) -> str:
 def default_nlist(n: int) -> int:
     """~4 sqrt(N) cells as a power of two, at least 1 and with >= 39 training points per cell."""
     target = max(1, min(65536, 4 * math.sqrt(n), n // 39))
-    return 2 ** int(round(math.log2(target)))
+    return 2 ** round(math.log2(target))
 
 
 def factory_string(kind: str, cfg: IndexConfig, n: int) -> str:

@@ -162,7 +162,9 @@ def _raw_shard_map(source: str, split: str, cfg: RetrievalConfig) -> dict[str, s
     try:
         shards = list_shards(spec)
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"raw shards of split {split} (images to embed) not found: {e}; pass raw_dir=...") from None
+        raise FileNotFoundError(
+            f"raw shards of split {split} (images to embed) not found: {e}; pass raw_dir=..."
+        ) from None
     return {Path(s).name: s for s in shards}
 
 
@@ -193,7 +195,9 @@ def embed_split(encoder, split_dir: Path, out: Path, cfg: RetrievalConfig, split
         images = {s.key: s.image for s in iter_raw_samples(raw[name]) if s.key in wanted}
         missing = wanted - images.keys()
         if missing:
-            raise ValueError(f"raw shard {raw[name]} lacks {len(missing)} samples of {shard} (e.g. {min(missing)}); preprocess again")
+            raise ValueError(
+                f"raw shard {raw[name]} lacks {len(missing)} samples of {shard} (e.g. {min(missing)}); preprocess again"
+            )
         captions = [s.caption for s in samples]
         # query dropout: one generator per shard, so the drop does not depend on batching
         rng = np.random.default_rng([cfg.seed, zlib.crc32(split.encode()), j])
@@ -204,7 +208,9 @@ def embed_split(encoder, split_dir: Path, out: Path, cfg: RetrievalConfig, split
         keys += [s.key for s in samples]
         row += len(samples)
     if row != n:
-        raise ValueError(f"{split_dir}: the stats sidecars count {n} samples but the shards hold {row}; preprocess again")
+        raise ValueError(
+            f"{split_dir}: the stats sidecars count {n} samples but the shards hold {row}; preprocess again"
+        )
     for a in arrays.values():
         a.flush()
     KeyMap.write(out / "keys", keys)
@@ -260,7 +266,9 @@ def build_retrieval(retrieval_cfg, token_dir: str | Path, progress: bool = True)
         for b in splits[i + 1 :]:
             common = np.intersect1d(key_maps[a].sorted_keys, key_maps[b].sorted_keys)
             if len(common):
-                raise ValueError(f"sample keys must be unique across splits: {a} and {b} share {len(common)} (e.g. {common[0]!r})")
+                raise ValueError(
+                    f"sample keys must be unique across splits: {a} and {b} share {len(common)} (e.g. {common[0]!r})"
+                )
 
     # the memory bank
     bank = folder / cfg.bank_split
@@ -273,7 +281,10 @@ def build_retrieval(retrieval_cfg, token_dir: str | Path, progress: bool = True)
     docs.flush()
     index_cfg = IndexConfig(**cfg.index)
     index, index_stats = build_index(docs, index_cfg, folder / "bank" / "index.faiss")
-    say(f"[retrieval] indexed {n_bank} bank documents: {index_stats['factory']} ({index_stats['seconds']} s)", flush=True)
+    say(
+        f"[retrieval] indexed {n_bank} bank documents: {index_stats['factory']} ({index_stats['seconds']} s)",
+        flush=True,
+    )
     store_info = write_token_store(list_shards(token_dir / cfg.bank_split), folder / "store")
     if store_info["n"] != n_bank:
         raise RuntimeError(f"token store has {store_info['n']} rows but the bank {n_bank}")
@@ -288,14 +299,21 @@ def build_retrieval(retrieval_cfg, token_dir: str | Path, progress: bool = True)
         nb = open_memmap(d / "neighbours.npy", mode="w+", dtype=np.int32, shape=(n, width))
         sc = open_memmap(d / "scores.npy", mode="w+", dtype=np.float16, shape=(n, width))
         keys = key_maps[split]
-        self_rows = np.arange(n) if split == cfg.bank_split else key_maps[cfg.bank_split].rows([keys.key(r) for r in range(n)])
+        self_rows = (
+            np.arange(n) if split == cfg.bank_split else key_maps[cfg.bank_split].rows([keys.key(r) for r in range(n)])
+        )
         for s in range(0, n, cfg.query_batch):
             sl = slice(s, min(n, s + cfg.query_batch))
             img, txt, qtxt = (_load_f32(d / f"{x}.npy", sl) for x in ("image", "text", "query_text"))
             cands = [index.search(img, cfg.search_k), index.search(qtxt, cfg.search_k)]
             rows, scores = select_neighbours(
-                cands, bank_docs, cfg.per_query, cfg.max_relevance, cfg.duplicate_threshold,
-                self_rows=self_rows[sl], query_docs=document_vectors(txt, img),
+                cands,
+                bank_docs,
+                cfg.per_query,
+                cfg.max_relevance,
+                cfg.duplicate_threshold,
+                self_rows=self_rows[sl],
+                query_docs=document_vectors(txt, img),
             )
             nb[sl], sc[sl] = rows, scores
         nb.flush()
@@ -331,7 +349,9 @@ def read_manifest(folder: Path, token_dir: str | Path) -> dict:
         raise FileNotFoundError(f"retrieval files {path} not found: build them with {build_command(token_dir)}")
     manifest = json.loads(path.read_text())
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise UsageError(f"{path}: retrieval format {manifest.get('format_version')} != {FORMAT_VERSION}; rebuild with {build_command(token_dir)}")
+        raise UsageError(
+            f"{path}: retrieval format {manifest.get('format_version')} != {FORMAT_VERSION}; rebuild with {build_command(token_dir)}"
+        )
     return manifest
 
 
@@ -436,8 +456,10 @@ class NeighbourPool:
         out = []
         for q in queries:
             if q.key is None:
-                raise ValueError("NeighbourPool answers training queries by sample key (RetrievalQuery.key); "
-                                 "retrieval by prompt text is the Retriever's")
+                raise ValueError(
+                    "NeighbourPool answers training queries by sample key (RetrievalQuery.key); "
+                    "retrieval by prompt text is the Retriever's"
+                )
             pool = self.pool(q.key)
             if k <= 0 or len(pool) == 0:
                 out.append([])

@@ -90,7 +90,7 @@ class Retriever:
 
     @classmethod
     def from_config(cls, retrieval_cfg, token_dir: str | Path, **kwargs) -> "Retriever":
-        """From `conf/retrieval/*.yaml` and the token folder (parent of data.train_dir)."""
+        """From `conf/retrieval/*.yaml` and the token folder (data.tokens_dir)."""
         cfg = RetrievalConfig.from_any(retrieval_cfg)
         return cls(cfg.folder(token_dir), k=kwargs.pop("k", cfg.k) or 2, **kwargs)
 
@@ -116,8 +116,9 @@ class Retriever:
             out.append(hits)
         return out
 
-    def documents(self, queries: Sequence[RetrievalQuery | str], k: int | None = None,
-                  rng: np.random.Generator | None = None) -> list[list[Document]]:
+    def documents(
+        self, queries: Sequence[RetrievalQuery | str], k: int | None = None, rng: np.random.Generator | None = None
+    ) -> list[list[Document]]:
         """The retrieval protocol (`cm3leon.retrieval.protocol`): up to k documents per query, by
         its text (queries may also be plain strings). `rng` is unused: inference retrieval is
         deterministic (no query dropout)."""
@@ -125,6 +126,8 @@ class Retriever:
         for q in queries:
             text = q if isinstance(q, str) else q.text
             if not text:
-                raise ValueError(f"Retriever answers queries by their text; got {q!r} (inference retrieves by the prompt)")
+                raise ValueError(
+                    f"Retriever answers queries by their text; got {q!r} (inference retrieves by the prompt)"
+                )
             texts.append(text)
         return [[h.document for h in hits] for hits in self.retrieve(texts, k)]

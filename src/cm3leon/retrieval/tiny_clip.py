@@ -52,7 +52,8 @@ def _clip_merges() -> list[tuple[str, str]]:
     """CLIP's merge list exactly as `SimpleTokenizer` reads it (same slice)."""
     from open_clip.tokenizer import default_bpe
 
-    lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
+    with gzip.open(default_bpe()) as f:
+        lines = f.read().decode("utf-8").split("\n")
     return [tuple(m.split()) for m in lines[1 : 49152 - 256 - 2 + 1]]
 
 

@@ -57,7 +57,12 @@ def write_token_store(token_shards: list[str], out_dir: str | Path) -> dict:
     KeyMap.write(out / "keys", keys)
     os.replace(out / "text.bin.tmp", out / "text.bin")
     os.replace(out / "codes.bin.tmp", out / "codes.bin")
-    info = {"n": len(keys), "tokens_per_image": int(width or 0), "text_tokens": int(offsets[-1]), "source": list(map(str, token_shards))[:1] + (["..."] if len(token_shards) > 1 else [])}
+    info = {
+        "n": len(keys),
+        "tokens_per_image": int(width or 0),
+        "text_tokens": int(offsets[-1]),
+        "source": list(map(str, token_shards))[:1] + (["..."] if len(token_shards) > 1 else []),
+    }
     (out / STORE_FILE).write_text(json.dumps(info, indent=2))
     return info
 
@@ -79,7 +84,11 @@ class TokenStore:
     def _open(self):
         if self._arrays is None:
             n, width = self.info["n"], self.info["tokens_per_image"]
-            text = np.memmap(self.folder / "text.bin", dtype=np.uint16, mode="r") if self.info["text_tokens"] else np.zeros(0, np.uint16)
+            text = (
+                np.memmap(self.folder / "text.bin", dtype=np.uint16, mode="r")
+                if self.info["text_tokens"]
+                else np.zeros(0, np.uint16)
+            )
             codes = (
                 np.memmap(self.folder / "codes.bin", dtype=np.uint16, mode="r", shape=(n, width))
                 if n and width

@@ -22,7 +22,9 @@ def to_pil(image: ImageLike) -> Image.Image:
         return image
     arr = np.asarray(image)
     if arr.dtype != np.uint8:
-        raise ValueError(f"image arrays must be uint8 HWC, got dtype {arr.dtype}; convert with (x * 255).astype(np.uint8)")
+        raise ValueError(
+            f"image arrays must be uint8 HWC, got dtype {arr.dtype}; convert with (x * 255).astype(np.uint8)"
+        )
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[:, :, 0]
     if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):

@@ -56,9 +56,13 @@ class VQGANConfig:
         self.attn_resolutions = tuple(int(r) for r in self.attn_resolutions)
         for c in {self.ch * m for m in self.ch_mult}:
             if c % self.num_groups:
-                raise ValueError(f"VQGAN channels {c} not divisible by num_groups={self.num_groups}; change ch or num_groups")
+                raise ValueError(
+                    f"VQGAN channels {c} not divisible by num_groups={self.num_groups}; change ch or num_groups"
+                )
         if self.resolution % self.downsample_factor:
-            raise ValueError(f"resolution {self.resolution} is not a multiple of the downsampling factor {self.downsample_factor}")
+            raise ValueError(
+                f"resolution {self.resolution} is not a multiple of the downsampling factor {self.downsample_factor}"
+            )
 
     @property
     def downsample_factor(self) -> int:
@@ -102,7 +106,12 @@ class VQGANConfig:
         return {
             "model": {
                 "target": "taming.models.vqgan.VQModel",
-                "params": {"embed_dim": top["embed_dim"], "n_embed": top["n_embed"], "beta": top["beta"], "ddconfig": d},
+                "params": {
+                    "embed_dim": top["embed_dim"],
+                    "n_embed": top["n_embed"],
+                    "beta": top["beta"],
+                    "ddconfig": d,
+                },
             }
         }
 
