@@ -28,10 +28,18 @@ from cm3leon.lit.recipe import accumulation, dry_run
 
 def train(cfg: DictConfig) -> dict:
     """Fit the composed run; returns the last metrics with the run folder and step."""
+    if not cfg.data.embedded_world:  # the user's token shards: missing ones stop here, before Lightning loads
+        from pathlib import Path
+
+        from cm3leon.data.token_shards import load_token_vocab
+
+        tokens = Path(cfg.data.tokens_dir)
+        load_token_vocab(tokens / "train", tokens / "val", **(cfg.data.get("vocab") or {}))
+
     import hydra
     import lightning as L
 
-    datamodule = hydra.utils.instantiate(cfg.data)  # the user's token shards missing: one line, here
+    datamodule = hydra.utils.instantiate(cfg.data)
     L.seed_everything(cfg.seed, workers=True)
     module = hydra.utils.instantiate(cfg.module)
     os.environ.setdefault("WANDB_MODE", "offline")  # nothing reaches the network unless the user asks

@@ -12,8 +12,10 @@ A `RetrievalQuery` names what is known about the query:
   2 documents by image + 2 by text per pair); `NeighbourPool` draws k of that pool with `rng`, the
   example's own generator, so that a resumed data stream yields the same documents.
 
-Both sources are built from the same `conf/retrieval/*.yaml` node (`RetrievalConfig`) by
-`cm3leon.retrieval.open_document_source`, so that every script reads one config group.
+Both sources are built from the one config group `conf/retrieval/*.yaml` (keys `k`, `dir`):
+training with `retrieval=ra` (the DataModule: `NeighbourPool.from_config(cfg, tokens_dir)`),
+generation and evaluation with `retrieval=checkpoint` (the default: the k and memory bank the
+checkpoint was trained with; `cm3leon.generation.pipeline.open_retriever`).
 """
 
 from __future__ import annotations
