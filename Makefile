@@ -75,19 +75,19 @@ VQ_RUN := logs/train_tokenizer/world_vqgan
 VQ_DECODER_STEPS := 3000
 tokenizers: install  ## rebuild the shipped tiny tokenizers from the embedded world (~2 h on 2 CPU cores)
 	$(PY) src/make_world.py
-	$(PY) src/train_bpe.py
+	$(PY) src/train_bpe.py overwrite=true
 	# the shipped VQGAN's schedule: (1) a 512-code model, 2000 steps of a 3000-step cosine, then a
 	# 6000-step cosine to step 4000; (2) its codebook split into 2048 codes, 2000 steps; (3) the
 	# decoder alone (codes frozen) $(VQ_DECODER_STEPS) steps
 	$(PY) src/train_tokenizer.py hydra.run.dir=$(VQ_RUN)/512 tokenizer.n_embed=512 trainer.max_steps=2000 \
 		module.optim.total_steps=3000
 	$(PY) src/train_tokenizer.py hydra.run.dir=$(VQ_RUN)/512 tokenizer.n_embed=512 trainer.max_steps=4000 \
-		module.optim.total_steps=6000 ckpt_path=$(VQ_RUN)/512/checkpoints/last.ckpt export_to=$(VQ_RUN)/vqgan_512.ckpt
+		module.optim.total_steps=6000 ckpt_path=$(VQ_RUN)/512/checkpoints/last.ckpt export_to=$(VQ_RUN)/vqgan_512.ckpt overwrite=true
 	$(PY) src/train_tokenizer.py hydra.run.dir=$(VQ_RUN)/2048 init_from=$(VQ_RUN)/vqgan_512.ckpt \
-		trainer.max_steps=2000 module.optim.lr=5e-4 export_to=$(VQ_RUN)/vqgan_2048.ckpt
+		trainer.max_steps=2000 module.optim.lr=5e-4 export_to=$(VQ_RUN)/vqgan_2048.ckpt overwrite=true
 	$(PY) src/train_tokenizer.py hydra.run.dir=$(VQ_RUN)/decoder init_from=$(VQ_RUN)/vqgan_2048.ckpt \
 		module.decoder_only=true trainer.max_steps=$(VQ_DECODER_STEPS) module.optim.lr=3e-4 \
-		export_to=data/shipped/world_vqgan.ckpt
+		export_to=data/shipped/world_vqgan.ckpt overwrite=true
 
 clean-data:  ## remove generated data (the shipped artefacts stay)
 	rm -rf data/world

@@ -9,7 +9,9 @@ Steps (`cm3leon.retrieval.neighbours.build_retrieval`): embed every pair of `{to
 with the CLIP document encoder (captions from the token shards, images from the raw shards they
 were made from), index the bank split's document vectors with FAISS, select each pair's
 neighbours (2 by image + 2 by text, the paper's rules), and write the bank's token store.
-Output: `{tokens_dir}/retrieval/` (or retrieval.dir); the run ends with one JSON summary line.
+Output: `{tokens_dir}/retrieval/` (or retrieval.dir), built in a `.tmp` folder beside it and renamed
+when complete; the run ends with one JSON summary line. Files that match the token shards and the
+config are reused; files of other inputs are replaced only with `overwrite=true`.
 """
 
 from __future__ import annotations
@@ -40,8 +42,10 @@ def main(cfg: DictConfig) -> None:
         from cm3leon.data.embedded import ensure_embedded_tokens
 
         ensure_embedded_tokens(cfg.world, cfg.tokens_dir, cfg.shipped_dir)
-    manifest = build_retrieval(cfg.retrieval, cfg.tokens_dir)  # a missing file: one line (cm3leon.cli)
+    # a missing file: one line (cm3leon.cli); the embedded world's own files follow its tokens unasked
+    manifest = build_retrieval(cfg.retrieval, cfg.tokens_dir, overwrite=cfg.overwrite or cfg.embedded_world)
     summary = {
+        "reused": manifest["reused"],  # true: the files matched the token shards and config; nothing built
         "out": str(cfg.retrieval.dir or f"{cfg.tokens_dir}/retrieval"),
         "encoder": manifest["encoder"]["model_name"],
         "bank": manifest["index"]["n"],

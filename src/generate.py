@@ -45,6 +45,17 @@ def _open_image(path):
     return Image.open(p)
 
 
+def _warn_world_clip_rerank(cfg: DictConfig) -> None:
+    """The world's tiny CLIP knows only world captions: warn when it re-ranks any other prompt."""
+    from cm3leon.data.world import parse_caption
+    from cm3leon.lit.checks import warn_world_clip
+
+    try:
+        parse_caption(cfg.prompt)
+    except ValueError:
+        warn_world_clip("rerank", cfg.rerank, f"prompt={cfg.prompt!r} is not an embedded-world caption")
+
+
 def check_command_line(cfg: DictConfig):
     """Input checks first: a wrong command line answers before torch is imported. Returns the
     DecodingConfig."""
@@ -61,6 +72,8 @@ def check_command_line(cfg: DictConfig):
     if cfg.task != "image":
         _open_image(cfg.image)
     check_checkpoint(cfg.ckpt)
+    if cfg.task == "image" and cfg.rerank.enabled:
+        _warn_world_clip_rerank(cfg)
     from cm3leon.generation.sampling import DecodingConfig
 
     try:
@@ -92,6 +105,9 @@ def run(cfg: DictConfig) -> dict:
         docs = pipe.retrieve([cfg.prompt])
         if docs is not None:
             print(f"[generate] {len(docs[0])} retrieved documents from {pipe.retriever.folder} go before the prompt")
+        from tqdm import tqdm
+
+        bar = tqdm(total=n * pipe.tokens_per_image, desc="generate", unit="tok", disable=not cfg.progress)
         codes = tasks.generate_images(
             pipe.model,
             pipe.vocab,
@@ -102,7 +118,9 @@ def run(cfg: DictConfig) -> dict:
             retrieved=None if docs is None else docs * n,
             batch_size=int(cfg.batch_size),
             cuda_graph=bool(cfg.cuda_graph),
+            progress=lambda done, total: bar.update(done - bar.n),
         )
+        bar.close()
         images = image_tok.decode(codes)
         scores = None
         if cfg.rerank.enabled:

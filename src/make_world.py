@@ -3,7 +3,9 @@
     python src/make_world.py                       # conf/make_world.yaml: 20,000 + 1,000 pairs
     python src/make_world.py n_train=2000 out_dir=/tmp/world/raw
 
-Idempotent: a complete world matching the config is left alone; partial output is regenerated.
+Idempotent: a complete world matching the config is left alone; partial output is regenerated; a
+world of another config in out_dir is replaced only with `overwrite=true` (written in OUT.tmp, then
+renamed into place).
 Training and build_index generate it on first use themselves (`cm3leon.data.world.ensure_world`).
 """
 
@@ -23,7 +25,7 @@ def run(cfg: DictConfig) -> None:
         print(f"[world] already complete at {wcfg.out_dir} (manifest matches the config); nothing to do")
         return
     t0 = time.time()
-    manifest = generate_world(wcfg)
+    manifest = generate_world(wcfg, overwrite=cfg.overwrite)
     print(
         f"[world] wrote {json.dumps(manifest['counts'])} pairs in "
         f"{sum(len(s['shards']) for s in manifest['splits'].values())} shards to {wcfg.out_dir} "

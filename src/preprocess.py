@@ -6,7 +6,9 @@
 
 Reads `{raw_dir}/{split}` (a folder of NNNNNN.tar in the img2dataset layout), writes
 `{out_dir}/{split}/NNNNNN.tar` plus meta.json, per-shard stats and report.json. Rerunning skips
-finished shards. Bad samples are skipped and counted; the run ends with one summary line per split.
+finished shards whose raw shard is unchanged and makes changed ones again (and says so). Token
+shards of another tokenizer, or of raw shards no longer given, are replaced only with
+`overwrite=true`. Bad samples are skipped and counted; the run ends with one summary line per split.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from omegaconf import DictConfig
 
 from cm3leon.cli import hydra_entry
 from cm3leon.data.preprocess import PreprocessConfig, preprocess_split, summary_line
+from cm3leon.data.raw_shards import list_shards
 
 
 @hydra_entry("preprocess", __file__)
@@ -27,8 +30,12 @@ def main(cfg: DictConfig) -> None:
         num_workers=cfg.num_workers,
         min_image_side=cfg.min_image_side,
     )
+    for split in cfg.splits:  # every split's raw shards exist before any is tokenized
+        list_shards(f"{cfg.raw_dir}/{split}")
     for split in cfg.splits:
-        report = preprocess_split(f"{cfg.raw_dir}/{split}", f"{cfg.out_dir}/{split}", pcfg, progress=cfg.progress)
+        report = preprocess_split(
+            f"{cfg.raw_dir}/{split}", f"{cfg.out_dir}/{split}", pcfg, progress=cfg.progress, overwrite=cfg.overwrite
+        )
         print(summary_line(report))
 
 

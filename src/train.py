@@ -4,23 +4,29 @@
     python src/train.py model=350m data=shutterstock trainer=fsdp trainer.devices=8 trainer.num_nodes=32
     python src/train.py model=7b dry_run=true            # sizes and FLOPs as one JSON line, nothing built
     python src/train.py -m optim.lr=1e-3,3e-3 trainer.max_steps=200     # a sweep, one run folder per job
-    python src/train.py ckpt_path=DIR/checkpoints/last.ckpt hydra.run.dir=DIR   # resume
+    python src/train.py hydra.run.dir=DIR ckpt_path=last   # resume DIR (starts fresh when it has no last.ckpt)
     python src/train.py retrieval=ra                     # k retrieved documents before each example
 
 Compose, instantiate the DataModule (it prepares its own data: the embedded world and retrieval
 files on first use), the LightningModule, callbacks, loggers and trainer; fit. Everything of a run
 lands in its Hydra run folder (`hydra.run.dir=DIR`): checkpoints/last.ckpt, CSV and W&B logs (W&B
 offline unless WANDB_MODE=online), samples/*.png.
+
+Faults: SIGTERM or SIGUSR1 (SLURM) saves last.ckpt of the current step and exits 128 + signal
+(`cm3leon.lit.preemption`); checkpoints are written atomically and read with weights_only=True
+(`cm3leon.lit.checkpoint_io`); a resumed run continues its CSV rows and W&B run (`cm3leon.lit.loggers`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 
 from omegaconf import DictConfig
 
 from cm3leon.cli import hydra_entry
+from cm3leon.lit.checks import check_max_steps
 from cm3leon.lit.recipe import accumulation, dry_run
 
 # Lightning and torch are imported inside train(), so that a dry run answers in seconds.
@@ -28,6 +34,8 @@ from cm3leon.lit.recipe import accumulation, dry_run
 
 def train(cfg: DictConfig) -> dict:
     """Fit the composed run; returns the last metrics with the run folder and step."""
+    if not cfg.trainer.get("fast_dev_run"):
+        check_max_steps(cfg.trainer.get("max_steps"))  # the stream is endless: only max_steps ends the run
     if not cfg.data.embedded_world:  # the user's token shards: missing ones stop here, before Lightning loads
         from pathlib import Path
 
@@ -48,7 +56,14 @@ def train(cfg: DictConfig) -> dict:
     trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, accumulate_grad_batches=accumulation(cfg)
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from cm3leon.lit.preemption import exit_code
+
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    except SIGTERMException:  # Lightning's SystemExit(0) after SIGTERM/SIGUSR1: not a success
+        sys.exit(exit_code(trainer))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "train/"))}
     summary = {"run_dir": cfg.paths.output_dir, "global_step": trainer.global_step, **metrics}
     if trainer.is_global_zero:

@@ -37,6 +37,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from cm3leon.cli import hydra_entry
+from cm3leon.lit.checks import check_caption_checker, check_max_steps
 from cm3leon.tokenizers.image_tokenizer import read_vq_state_dict, save_vqgan
 
 log = logging.getLogger(__name__)
@@ -46,10 +47,14 @@ def train(cfg: DictConfig) -> dict:
     """Fit the VQGAN as `cfg` says; returns the final train/val metrics (and the export path)."""
     if cfg.init_from and not Path(cfg.init_from).is_file():
         raise FileNotFoundError(f"init_from={cfg.init_from}: no such VQGAN weights file (a .ckpt in taming layout)")
+    if not cfg.trainer.get("fast_dev_run"):
+        check_max_steps(cfg.trainer.get("max_steps"))  # training shards are resampled: an endless stream
     torch.set_num_threads(int(cfg.threads))
     L.seed_everything(int(cfg.seed), workers=True)
 
     dm = hydra.utils.instantiate(cfg.data)
+    if not cfg.data.embedded_world:  # before any logger starts, so that the error stays one line
+        check_caption_checker(cfg.module.val.caption_accuracy, cfg.data.val_shards)
     module = hydra.utils.instantiate(
         cfg.module, tokenizer=OmegaConf.to_container(cfg.tokenizer, resolve=True), _convert_="all"
     )
@@ -58,7 +63,8 @@ def train(cfg: DictConfig) -> dict:
         log.info("started from %s (%d codes -> %d)", cfg.init_from, n_old, module.cfg.n_embed)
     os.environ.setdefault("WANDB_MODE", "offline")  # nothing reaches the network unless the user asks
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
-    loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    # `logger=csv` leaves this config's `logger.wandb.name` behind without a _target_: not a logger
+    loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values() if "_target_" in c]
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path)
 

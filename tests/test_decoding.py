@@ -471,3 +471,26 @@ def test_bench_matches_hugging_face_token_for_token():
     r = bench_generate("cpu", conf_dir=CONF_DIR, vocab_size=256, prompt_len=8, new_tokens=12, repeats=1)
     assert r["same_tokens"] and r["cfg_same_tokens"]
     assert r["ours_tok_s"] > 0 and r["hf_tok_s"] > 0 and r["speedup"] == r["ours_tok_s"] / r["hf_tok_s"]
+
+
+def test_image_progress_is_reported_every_n_tokens_without_changing_samples():
+    model = tiny_model()
+    rng = np.random.default_rng(3)
+    caps = [rand_text(n, rng) for n in (3, 6, 4)]
+    dec = DecodingConfig(top_p=0.9)
+    calls = []
+    a = generate_images(model, VOCAB, caps, TPI, decoding=dec, seed=2, batch_size=2)
+    b = generate_images(
+        model,
+        VOCAB,
+        caps,
+        TPI,
+        decoding=dec,
+        seed=2,
+        batch_size=2,
+        progress=lambda *c: calls.append(c),
+        progress_every=5,
+    )
+    assert torch.equal(a, b)
+    # chunk of 2 samples: steps 5, 10, 15, 16 (x2 tokens); then the chunk of 1 sample after its 32 tokens
+    assert calls == [(10, 48), (20, 48), (30, 48), (32, 48), (37, 48), (42, 48), (47, 48), (48, 48)]

@@ -77,3 +77,14 @@ def test_user_token_shards_must_exist_when_the_datamodule_is_made(tmp_path):
     with pytest.raises(FileNotFoundError, match="Bring your own data") as e:
         CM3DataModule(str(tmp_path / "none"))  # embedded_world=false: nothing to prepare, so it must exist
     assert str(tmp_path / "none" / "train") in str(e.value) and "\n" not in str(e.value)
+
+
+def test_world_generation_shows_progress(tmp_path, capfd):
+    """generate_world: a bar over its shards (make_world and first use take minutes)."""
+    from cm3leon.data.world import WorldConfig, generate_world
+
+    generate_world(WorldConfig(out_dir=str(tmp_path / "raw"), n_train=8, n_val=4, shard_size=4, num_workers=1))
+    err = capfd.readouterr().err
+    assert "world: 100%" in err and "3/3" in err  # 2 train + 1 val shards
+    generate_world(WorldConfig(out_dir=str(tmp_path / "raw2"), n_train=8, n_val=4, shard_size=4), progress=False)
+    assert "world:" not in capfd.readouterr().err

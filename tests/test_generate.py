@@ -288,3 +288,13 @@ def test_checkpoint_trained_with_retrieval_uses_its_memory_bank(tiny_ckpt, tmp_p
     assert s["n_retrieved"] == 0
     err = capsys.readouterr().err
     assert "trained with retrieval" in err and "is gone" in err
+
+
+def test_image_generation_shows_progress_over_image_tokens(tiny_ckpt, tmp_path, capfd):
+    """A tqdm bar over n x tokens_per_image image tokens (progress=true, the default); progress=false: none."""
+    base = [f"ckpt={tiny_ckpt}", "prompt=a large red circle in the top left", "n=2", "batch_size=1"]
+    run_generate(*base, f"out_dir={tmp_path / 'a'}")
+    err = capfd.readouterr().err
+    assert "generate: 100%" in err and "128/128" in err  # 2 images x 64 tokens
+    run_generate(*base, f"out_dir={tmp_path / 'b'}", "progress=false")
+    assert "generate:" not in capfd.readouterr().err

@@ -13,6 +13,7 @@ from cm3leon.data.preprocess import PreprocessConfig, preprocess_split, summary_
 from cm3leon.data.token_shards import decode_sample, read_meta
 from cm3leon.data.token_stream import read_token_shard
 from cm3leon.data.world import caption, render, scene_for
+from cm3leon.errors import UsageError
 from cm3leon.tokenizers.image_tokenizer import CONFIG_DIR, ImageTokenizer, resolve_config
 from cm3leon.tokenizers.text_tokenizer import TextTokenizer
 from cm3leon.tokenizers.vqgan import VQModel
@@ -123,7 +124,7 @@ def test_rerun_reuses_finished_shards_and_refuses_other_tokenizer(tmp_path, rand
     torch.save(VQModel(resolve_config("tiny")).state_dict(), other)
     other.with_suffix(".yaml").write_text(random_vq.with_suffix(".yaml").read_text())
     cfg2 = PreprocessConfig(image_tokenizer=str(other), text_tokenizer=str(SHIPPED_BPE), num_workers=1)
-    with pytest.raises(ValueError, match="another image_tokenizer"):
+    with pytest.raises(UsageError, match="another image_tokenizer.*overwrite=true"):
         preprocess_split(str(raw), tmp_path / "tok", cfg2, progress=False)
 
 

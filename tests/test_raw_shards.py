@@ -11,8 +11,9 @@ import webdataset as wds
 from PIL import Image
 
 from cm3leon.data.checked_reader import iter_raw_samples
-from cm3leon.data.make_shards import make_shards
+from cm3leon.data.make_shards import default_key_prefix, make_shards
 from cm3leon.data.raw_shards import list_shards, write_shard
+from cm3leon.errors import UsageError
 from project import CONF_DIR
 
 
@@ -82,7 +83,10 @@ def test_make_shards_from_folder(tmp_path):
     assert json.loads((tmp_path / "out" / "manifest.json").read_text()) == manifest
     samples = {s.meta["source"]: s for s in iter_raw_samples(tmp_path / "out")}
     assert sorted(samples) == ["a.png", "b.jpg", "c.webp", "sub/f.png"]
-    assert [s.key for s in samples.values()] == [f"my_pics_{i:09d}" for i in range(4)]
+    prefix = default_key_prefix(src)  # "my_pics-{hash of the folder's path}_"
+    assert prefix.startswith("my_pics-") and [s.key for s in samples.values()] == [
+        prefix + k for k in ("a", "b", "c", "sub_f")
+    ]
     assert samples["c.webp"].caption == "a bird"  # stripped
     assert np.array_equal(np.asarray(samples["a.png"].image), a)
     assert np.array_equal(np.asarray(samples["c.webp"].image), c)
@@ -93,8 +97,8 @@ def test_make_shards_from_folder(tmp_path):
     assert members["a.png"]["png"] == (src / "a.png").read_bytes()
     assert members["b.jpg"]["jpg"] == (src / "b.jpg").read_bytes()
     assert "png" in members["c.webp"] and "webp" not in members["c.webp"]
-    # a rerun replaces the earlier shards (no stale 000001.tar)
-    make_shards(src, tmp_path / "out", shard_size=100)
+    # another setting replaces the earlier shards when told (no stale 000001.tar)
+    make_shards(src, tmp_path / "out", shard_size=100, overwrite=True)
     assert [p.name for p in sorted((tmp_path / "out").glob("*.tar"))] == ["000000.tar"]
 
 
@@ -118,7 +122,7 @@ def test_make_shards_from_csv_and_jsonl(tmp_path):
     assert m["counts"] == {"written": 3, "skipped": 2, "skipped_empty_caption": 1, "skipped_missing_image": 1}
     got = list(iter_raw_samples(tmp_path / "csv_out"))
     assert [(s.key, s.caption) for s in got] == [
-        ("mine_000000000", "zero"), ("mine_000000001", "one"), ("mine_000000002", "two")
+        ("mine_000000000", "zero"), ("mine_000000001", "one"), ("mine_000000004", "two")
     ]  # fmt: skip
     assert got[1].meta["license"] == "cc-by" and np.array_equal(np.asarray(got[2].image), absolute)
 
@@ -129,11 +133,11 @@ def test_make_shards_from_csv_and_jsonl(tmp_path):
     assert m["counts"] == {
         "written": 3, "skipped": 3, "skipped_bad_row": 1, "skipped_empty_caption": 1, "skipped_missing_image": 1
     }  # fmt: skip
-    assert next(iter_raw_samples(tmp_path / "jsonl_out")).key == "pairs_000000000"
+    assert next(iter_raw_samples(tmp_path / "jsonl_out")).key == default_key_prefix(data / "pairs.jsonl") + "000000000"
 
-    with pytest.raises(ValueError, match=r"no column\(s\) \['file'\]"):
+    with pytest.raises(UsageError, match=r"no column\(s\) \['file'\]"):
         make_shards(data / "pairs.csv", tmp_path / "x", image_column="file")
-    with pytest.raises(FileNotFoundError, match=r"nothing\.csv"):
+    with pytest.raises(UsageError, match=r"nothing\.csv"):
         make_shards(data / "nothing.csv", tmp_path / "x")
 
 

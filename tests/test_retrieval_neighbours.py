@@ -279,6 +279,37 @@ def test_missing_and_stale_files_give_one_line(small_world, tmp_path):
     assert "\n" not in str(e.value) and "python src/train_clip.py" in str(e.value)
 
 
+def snapshot(folder) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_build_checks_inputs_first_reuses_and_refuses_other_builds(small_world, tmp_path, monkeypatch):
+    """Issue 14 items 1-2: a build of the same inputs is reused; missing raw shards or a build of
+    other settings leave the existing files whole (a failure mid-way too), with one line."""
+    import cm3leon.retrieval.neighbours as nbrs
+
+    tokens, _ = small_world
+    folder = tmp_path / "r"
+    shutil.copytree(tokens / "retrieval", folder)
+    before = snapshot(folder)
+    assert build_retrieval(ra_config(dir=str(folder)), tokens, progress=False)["reused"]
+    assert snapshot(folder) == before
+    with pytest.raises(FileNotFoundError, match="raw shards of split"):
+        build_retrieval(ra_config(dir=str(folder), raw_dir=str(tmp_path / "typo")), tokens, progress=False)
+    assert snapshot(folder) == before
+    with pytest.raises(UsageError, match="selection rules.*overwrite=true") as e:
+        build_retrieval(ra_config(dir=str(folder), max_relevance=0.8), tokens, progress=False)
+    assert "\n" not in str(e.value) and snapshot(folder) == before
+
+    def broken_index(*args, **kwargs):
+        raise RuntimeError("faiss ran out of memory")
+
+    monkeypatch.setattr(nbrs, "build_index", broken_index)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        build_retrieval(ra_config(dir=str(folder), max_relevance=0.8), tokens, progress=False, overwrite=True)
+    assert snapshot(folder) == before and sorted(p.name for p in tmp_path.iterdir()) == ["r"]
+
+
 # ---- the world acceptance --------------------------------------------------------------------
 def world_retrieval_scores(n_bank: int, n_val: int) -> dict:
     """Retrieve k=2 documents for validation captions from a bank of training pairs (the

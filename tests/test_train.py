@@ -3,6 +3,7 @@ fast_dev_run, resume without repeating data, multirun, and 2-process DDP (gloo) 
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -118,34 +119,46 @@ def read_keys(run_dir: Path) -> dict[int, list[str]]:
 
 
 def test_resume_continues_from_saved_step_without_repeating_data(tiny_tokens, tmp_path):
+    """Also issue 14 item 7: the resumed run keeps its history (CSV rows of both runs, one W&B run id)."""
     common = [
         "data.num_workers=2",
         "callbacks.model_checkpoint.every_n_train_steps=3",
         "+callbacks.keys._target_=cm3leon.lit.callbacks.BatchKeysRecorder",
         "trainer.val_check_interval=100",
         "trainer.limit_val_batches=0",
+        "trainer.log_every_n_steps=1",
     ]
+
+    def args(run_dir, *extra):  # W&B (offline) and CSV, as a default run logs
+        return [a if a != "logger=csv" else "logger=default" for a in small_run_args(tiny_tokens, run_dir, *extra)]
+
     straight = tmp_path / "straight"
-    proc = run_train(small_run_args(tiny_tokens, straight, "trainer.max_steps=6", *common))
+    proc = run_train(args(straight, "trainer.max_steps=6", *common))
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     resumed = tmp_path / "resumed"
-    proc = run_train(small_run_args(tiny_tokens, resumed, "trainer.max_steps=3", *common))
+    proc = run_train(args(resumed, "trainer.max_steps=3", *common))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (resumed / "checkpoints" / "last.ckpt").is_file()
-    proc = run_train(
-        small_run_args(
-            tiny_tokens, resumed, "trainer.max_steps=6", f"ckpt_path={resumed}/checkpoints/last.ckpt", *common
-        )
-    )
+    proc = run_train(args(resumed, "trainer.max_steps=6", f"ckpt_path={resumed}/checkpoints/last.ckpt", *common))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads(proc.stdout.strip().splitlines()[-1])["global_step"] == 6
+    summary = [line for line in proc.stdout.splitlines() if line.startswith("{")][-1]  # W&B prints after it
+    assert json.loads(summary)["global_step"] == 6
 
     full, parts = read_keys(straight), read_keys(resumed)
     assert sorted(parts) == list(range(6))  # steps 0-2 from the first run, 3-5 after the resume
     assert parts == full  # the same batches in the same order: nothing repeated, nothing skipped
     seen = [k for s in range(6) for k in parts[s]]
     assert len(seen) == len(set(seen))  # 24 samples < one epoch of 192: all distinct
+
+    def loss_steps(run_dir):
+        with open(run_dir / "csv" / "metrics.csv", newline="") as f:
+            return [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
+
+    assert loss_steps(resumed) == loss_steps(straight) == list(range(6))  # rows of both runs, each step once
+    run_id = (resumed / "wandb_run_id").read_text().strip()
+    runs = sorted(p.name for p in (resumed / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.endswith(run_id) for r in runs), runs  # two sessions of one W&B run
 
 
 def test_multirun_makes_one_folder_per_job(tiny_tokens, tmp_path):
@@ -213,7 +226,7 @@ def test_retrieval_on_and_off_train_from_the_same_command_line(tiny_tokens, tmp_
         assert proc.returncode == 0, proc.stderr[-3000:]
         recs = [json.loads(line) for line in (run / "batch_keys.jsonl").read_text().splitlines()]
         assert len(recs) == 2 and all(n == k for r in recs for n in r["n_retrieved"])
-        meta = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)[
-            "hyper_parameters"
-        ]["data_meta"]
+        meta = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["hyper_parameters"][
+            "data_meta"
+        ]
         assert (meta.get("retrieval") or {}).get("folder") == (str(bank.resolve()) if k else None)

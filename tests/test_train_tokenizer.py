@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from cm3leon.data.image_datamodule import ImageShardDataset
 from cm3leon.data.raw_shards import write_shard
 from cm3leon.data.world import sample_for
+from cm3leon.errors import UsageError
 from cm3leon.lit.vqgan_module import VQGANModule
 from cm3leon.tokenizers import ImageTokenizer, VQGANConfig
 from cm3leon.tokenizers.image_tokenizer import resolve_config
@@ -121,7 +122,7 @@ def test_hydra_script_fast_dev_run_and_export(tmp_path):
         "data.shuffle_buffer=4",
         "+trainer.fast_dev_run=true",
         "trainer.enable_progress_bar=false",
-        "~logger.wandb",
+        "logger=csv",  # what a user types to leave W&B out (this config's wandb name must not linger)
         f"export_to={export}",
     ]
     cfg = _compose(overrides, hydra_config=True)
@@ -293,3 +294,61 @@ def test_checkpoints_from_before_the_loss_module_still_load():
     new.on_load_checkpoint(checkpoint)
     new.load_state_dict(checkpoint["state_dict"], strict=True)
     assert torch.equal(new.loss.discriminator.main[0].weight, old.loss.discriminator.main[0].weight)
+
+
+# ---- fail fast (issue 14 item 8): one line before anything is built ---------------------------
+def _write_real_shards(folder, n=4):
+    """n samples with captions that are not the world's (a user's own data)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    samples = [{**sample_for(0, "val", i), "txt": f"a photo of dog number {i}"} for i in range(n)]
+    write_shard(folder / "000000.tar", samples)
+    return folder
+
+
+def test_world_caption_checker_on_real_captions_stops_before_fit(tmp_path):
+    from train_tokenizer import train
+
+    real = _write_real_shards(tmp_path / "real")
+    cfg = _compose(
+        [
+            f"paths.output_dir={tmp_path / 'run'}",
+            f"data.train_shards={real}",
+            f"data.val_shards={real}",
+            "data.embedded_world=false",
+            "module.val.caption_accuracy=true",
+            "logger=csv",
+        ]
+    )
+    with pytest.raises(UsageError, match=r"module.val.caption_accuracy=true .*'a photo of dog.*=false"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()  # stopped before the trainer and its loggers
+
+
+def _instantiate(node):
+    """hydra.utils.instantiate, with the error unwrapped as the scripts' hydra_entry does."""
+    import hydra
+    from hydra.errors import InstantiationException
+
+    try:
+        return hydra.utils.instantiate(node)
+    except InstantiationException as e:
+        raise e.__cause__ from None
+
+
+def test_own_shards_left_with_embedded_world_stop_untouched(tmp_path):
+    """data.embedded_world=true (the default) with the user's train_shards would generate the world
+    beside (and over) their shards: refused when the DataModule is made."""
+    mine = _write_real_shards(tmp_path / "mine" / "train")
+    before = (mine / "000000.tar").read_bytes()
+    cfg = _compose([f"data.train_shards={mine}", f"data.val_shards={tmp_path / 'mine' / 'val'}"])
+    with pytest.raises(
+        UsageError, match=r"data.train_shards=.* is not the embedded world's folder.*embedded_world=false"
+    ):
+        _instantiate(cfg.data).prepare_data()
+    assert (mine / "000000.tar").read_bytes() == before and not (tmp_path / "mine" / "manifest.json").exists()
+
+
+def test_missing_own_shards_are_one_line(tmp_path):
+    cfg = _compose(["data.embedded_world=false", f"data.train_shards={tmp_path / 'none'}"])
+    with pytest.raises(UsageError, match=r"data.train_shards=.*none"):
+        _instantiate(cfg.data)

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -23,3 +28,59 @@ def file_sha256(path: str | Path, limit: int | None = None) -> str:
                 if remaining <= 0:
                     break
     return h.hexdigest()
+
+
+def file_stamp(path: str | Path) -> list[int]:
+    """[size, mtime_ns] of a file: the cheap identity of an input too large to hash on every rerun."""
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns]
+
+
+def digest(obj) -> str:
+    """Short sha256 of a JSON-able object (sorted keys): one string to compare inputs by."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_path(dest: str | Path) -> Iterator[Path]:
+    """Write `dest` (a file or a folder) under a temporary name beside it, renamed into place on success.
+
+        with atomic_path(out / "index.faiss") as tmp:
+            faiss.write_index(index, str(tmp))
+
+    The temporary `DEST.tmp` lives in the destination's folder (same filesystem, so the rename is
+    atomic); it is removed when the block raises (Ctrl-C included) and, as the leftover of a killed
+    run, when the next run starts. A folder replaces an existing `dest` by two renames (the old one
+    is moved to `DEST.old` and deleted after), so readers see the old or the new folder, never a mix.
+    The caller decides whether replacing `dest` is allowed (`refuse_overwrite`).
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".tmp")
+    _remove(tmp)
+    try:
+        yield tmp
+    except BaseException:
+        _remove(tmp)
+        raise
+    if tmp.is_dir() and dest.exists():
+        old = dest.with_name(dest.name + ".old")
+        _remove(old)
+        os.replace(dest, old)
+        os.replace(tmp, dest)
+        _remove(old)
+    else:
+        os.replace(tmp, dest)
+
+
+def write_json_atomic(path: str | Path, obj, indent: int | None = 2) -> None:
+    """`json.dumps(obj)` to `path`, atomically (a reader never sees half a file)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=indent) + "\n")

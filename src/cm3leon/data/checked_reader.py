@@ -8,14 +8,23 @@ a run or drops its neighbours. The reasons (`SKIP_REASONS`):
     truncated        the tar ends (or stops reading) inside this sample; the samples before it survive
     missing_image    no image member (any of IMAGE_EXTS), or the image file does not exist
     missing_caption  no .txt member
-    bad_caption      the caption is not UTF-8
+    bad_caption      the caption is not UTF-8 (or not text at all, e.g. a number in a JSONL row)
     empty_caption    the caption is empty or whitespace
     bad_image        the image does not decode
+    unsupported_mode the image decodes, but its mode has no known 8-bit scale (`I` outside 0..65535,
+                     `F` outside [0, 1], LAB, ...; `image_processing.to_rgb`)
     small_image      the image's short side is below `min_side`
     bad_json         the .json member does not parse to an object
 
-A good sample is a `RawSample`: its image decoded to RGB (transparency blended on white, as the
-paper's preprocessing does), its caption stripped, its .json attributes ({} without one).
+Caption policy: strict UTF-8, a leading byte-order mark dropped; nothing is guessed (a Latin-1 file
+decoded as UTF-8 with replacement, or as Latin-1, would train on mojibake), so any other caption is
+skipped as `bad_caption`. CSV and JSONL inputs are read with `open_text_table`, which keeps a bad row's
+bytes undecoded (as lone surrogates) so that the row, not the whole file, is skipped.
+
+A good sample is a `RawSample`: its image decoded to 8-bit RGB by `to_rgb` (16-bit scaled, transparency
+blended on white, as the paper's preprocessing does), its caption stripped, its .json attributes ({}
+without one). A `SkipCounter` counts skipped samples by reason and keeps where the first ones were
+(shard and key, file, row), for the stage's report.
 """
 
 from __future__ import annotations
@@ -33,7 +42,7 @@ import webdataset as wds
 from PIL import Image
 
 from cm3leon.data.raw_shards import list_shards
-from cm3leon.tokenizers.image_processing import to_rgb
+from cm3leon.tokenizers.image_processing import UnsupportedImageMode, to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +55,7 @@ SKIP_REASONS = (
     "bad_caption",
     "empty_caption",
     "bad_image",
+    "unsupported_mode",
     "small_image",
     "bad_json",
 )
@@ -68,19 +78,52 @@ class SkippedSample(Exception):
         self.reason = reason
 
 
+class SkipCounter(Counter):
+    """Skipped samples by reason (a Counter), plus `examples[reason]`: where the first MAX_EXAMPLES
+    of each reason were ("shard.tar: key", "photos/1.png", "pairs.csv row 7"), for the report."""
+
+    MAX_EXAMPLES = 10
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.examples: dict[str, list[str]] = {}
+
+
+def count_skip(skipped: Counter, reason: str, where: str) -> None:
+    """Count one skipped sample; a SkipCounter also remembers where it was."""
+    skipped[reason] += 1
+    if isinstance(skipped, SkipCounter):
+        places = skipped.examples.setdefault(reason, [])
+        if len(places) < skipped.MAX_EXAMPLES:
+            places.append(where)
+    log.debug("skipped %s: %s", where, reason)
+
+
+def open_text_table(path: str | os.PathLike):
+    """Open a CSV or JSONL file as text without failing on bytes that are not UTF-8: they are kept as
+    lone surrogates (`surrogateescape`), so `decode_caption` skips the rows that hold them and the
+    other rows are read. A leading byte-order mark (Excel's CSVs) is dropped."""
+    return open(path, encoding="utf-8-sig", errors="surrogateescape", newline="")
+
+
 # ---- one sample ------------------------------------------------------------------------------
 def decode_image(data: bytes) -> Image.Image:
-    """Encoded image bytes -> RGB PIL image (loaded; transparency blended on white)."""
+    """Encoded image bytes -> 8-bit RGB PIL image (loaded; `to_rgb`: 16-bit scaled, transparency on white)."""
     try:
         image = Image.open(io.BytesIO(data))
         image.load()
-        return to_rgb(image)
     except Exception:  # PIL raises many types for corrupt data
+        raise SkippedSample("bad_image") from None
+    try:
+        return to_rgb(image)
+    except UnsupportedImageMode:
+        raise SkippedSample("unsupported_mode") from None
+    except Exception:  # a decoder that fails only when the pixels are converted
         raise SkippedSample("bad_image") from None
 
 
 def decode_caption(data: bytes | str | None) -> str:
-    """Caption bytes (UTF-8) or text -> stripped, non-empty caption."""
+    """Caption bytes or text -> stripped, non-empty caption (the policy: strict UTF-8, BOM dropped)."""
     if data is None:
         raise SkippedSample("missing_caption")
     if isinstance(data, bytes):
@@ -88,7 +131,14 @@ def decode_caption(data: bytes | str | None) -> str:
             data = data.decode("utf-8")
         except UnicodeDecodeError:
             raise SkippedSample("bad_caption") from None
-    caption = data.strip()
+    elif isinstance(data, str):
+        try:
+            data.encode("utf-8")  # lone surrogates: undecodable bytes kept by open_text_table
+        except UnicodeEncodeError:
+            raise SkippedSample("bad_caption") from None
+    else:  # a number, list or dict in a JSONL caption field
+        raise SkippedSample("bad_caption")
+    caption = data.removeprefix("\ufeff").strip()
     if not caption:
         raise SkippedSample("empty_caption")
     return caption
@@ -146,18 +196,21 @@ def iter_members(url: str, skipped: Counter) -> Iterator[tuple[str, dict[str, by
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
         log.warning("shard %s stops reading (%s: %s)", url, type(e).__name__, e)
         if key is not None:
-            skipped["truncated"] += 1
+            count_skip(skipped, "truncated", f"{url}: {key}")
         return
     if key is not None:
         yield key, group
 
 
-def decode_or_count(key: str, members: Mapping[str, bytes], skipped: Counter, min_side: int = 1) -> RawSample | None:
-    """`decode_sample`, with a skipped sample counted in `skipped[reason]` and returned as None."""
+def decode_or_count(
+    key: str, members: Mapping[str, bytes], skipped: Counter, min_side: int = 1, where: str | None = None
+) -> RawSample | None:
+    """`decode_sample`, with a skipped sample counted in `skipped[reason]` (at `where`, default the
+    key) and returned as None."""
     try:
         return decode_sample(key, members, min_side)
     except SkippedSample as e:
-        skipped[e.reason] += 1
+        count_skip(skipped, e.reason, where or key)
         return None
 
 
@@ -166,11 +219,11 @@ def iter_raw_samples(
     shards: str | os.PathLike | Sequence[str], skipped: Counter | None = None, min_side: int = 1
 ) -> Iterator[RawSample]:
     """Good samples of raw shards (anything `list_shards` accepts), in order; `skipped[reason]`
-    counts the others."""
-    skipped = Counter() if skipped is None else skipped
+    counts the others (a SkipCounter also names them: "shard: key")."""
+    skipped = SkipCounter() if skipped is None else skipped
     for url in list_shards(shards):
         for key, members in iter_members(url, skipped):
-            sample = decode_or_count(key, members, skipped, min_side)
+            sample = decode_or_count(key, members, skipped, min_side, where=f"{url}: {key}")
             if sample is not None:
                 yield sample
 
@@ -178,10 +231,10 @@ def iter_raw_samples(
 def iter_raw_captions(shards: str | os.PathLike | Sequence[str], skipped: Counter | None = None) -> Iterator[str]:
     """Captions of raw shards under the same caption rule as `decode_sample`, without decoding the
     images (the BPE trainer needs text only); `skipped[reason]` counts the captions left out."""
-    skipped = Counter() if skipped is None else skipped
+    skipped = SkipCounter() if skipped is None else skipped
     for url in list_shards(shards):
-        for _, members in iter_members(url, skipped):
+        for key, members in iter_members(url, skipped):
             try:
                 yield decode_caption(members.get("txt"))
             except SkippedSample as e:
-                skipped[e.reason] += 1
+                count_skip(skipped, e.reason, f"{url}: {key}")

@@ -3,7 +3,8 @@
 It owns its data. `prepare_data()` (Lightning calls it once per node, on local rank 0) makes what
 is missing: for the embedded world its raw shards and token shards (`embedded.py`), and with
 retrieval on the retrieval files (`cm3leon.retrieval.neighbours.ensure_retrieval`: built for the
-embedded world, checked otherwise). `setup()` (every rank) opens them. `data_meta()` is what the
+embedded world, checked otherwise). `setup()` (every rank) opens them and checks, before fit, that every
+training reader (process x DataLoader worker) has a shard of its own. `data_meta()` is what the
 checkpoint records about them.
 
 Per example (in the DataLoader worker): a token sample becomes a document (caption -> image, or
@@ -16,6 +17,7 @@ shifted by one with no-loss positions set to -100.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -29,6 +31,7 @@ from cm3leon.data.sequences import IGNORE_INDEX, Document, build_sequence, pad_b
 from cm3leon.data.token_shards import TokenSample, decode_sample, load_token_vocab
 from cm3leon.data.token_stream import TokenShardStream, read_token_shard
 from cm3leon.errors import UsageError
+from cm3leon.lit.checks import check_readers, warn_world_clip
 from cm3leon.objective import cm3_transform, loss_mask
 from cm3leon.retrieval.protocol import DocumentSource, RetrievalQuery
 from cm3leon.vocab import PAD_ID, Vocab
@@ -113,7 +116,17 @@ class CM3DataModule(L.LightningDataModule):
             from cm3leon.retrieval.neighbours import ensure_retrieval
 
             # a missing or stale build is made for the embedded world, one error line otherwise
-            ensure_retrieval(self.retrieval, self.tokens_dir, build_missing=self.embedded_world)
+            folder = ensure_retrieval(self.retrieval, self.tokens_dir, build_missing=self.embedded_world)
+            if not self.embedded_world:
+                self._warn_world_clip_bank(Path(folder))
+
+    def _warn_world_clip_bank(self, folder: Path) -> None:
+        """Neighbours of real data found with the world's tiny CLIP are near-random: say so."""
+        try:
+            encoder = json.loads((folder / "manifest.json").read_text())["encoder"]
+        except (OSError, ValueError, KeyError):
+            return  # an unreadable manifest is ensure_retrieval's to report
+        warn_world_clip("retrieval.encoder", encoder, f"data.embedded_world=false (the memory bank in {folder})")
 
     def load_meta(self) -> Vocab:
         """Read the token shards' meta.json (cheap, no shard is opened) and build the Vocab."""
@@ -132,6 +145,10 @@ class CM3DataModule(L.LightningDataModule):
             raise UsageError(f"data.seq_len={self.seq_len} cannot hold one image of {self.tokens_per_image} tokens")
         self.train_shards = list_shards(self.train_dir)
         self.val_shards = list_shards(self.val_dir)
+        if stage in (None, "fit"):
+            # TokenShardStream refuses too few shards too, but only inside a DataLoader worker, after fit started
+            world_size = self.trainer.world_size if self.trainer is not None else 1
+            check_readers(len(self.train_shards), world_size, self.num_workers, str(self.train_dir))
         if self.retrieval is not None and self.neighbours is None:
             from cm3leon.retrieval.neighbours import NeighbourPool
 

@@ -1,26 +1,18 @@
 """Prepare the embedded world for training on first use: raw shards, then token shards made
-with the shipped tokenizers (data/shipped). Each step is skipped when its output is complete.
+with the shipped tokenizers (data/shipped). Each step is skipped when its output is up to date.
 
-Token shards made with other tokenizer files than the shipped ones (an older checkout's VQGAN, say)
-are stale: the token folder, and the retrieval files built from it, are removed and made again."""
+These folders are the project's own cache, so they follow their inputs without asking: token
+shards made with other tokenizer files than the shipped ones (an older checkout's VQGAN, say), or
+from raw shards that were generated again, are made again (`preprocess_split(overwrite=True)`),
+and the retrieval files built from them are then stale and rebuilt by `ensure_retrieval`."""
 
 from __future__ import annotations
 
-import json
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
-from cm3leon.data.preprocess import PreprocessConfig, other_tokenizer, preprocess_split, summary_line, tokenizer_files
-from cm3leon.data.token_shards import META_FILE, REPORT_FILE
+from cm3leon.data.preprocess import PreprocessConfig, plan_split, preprocess_split, summary_line, tokenizer_files
 from cm3leon.data.world import WorldConfig, ensure_world
-
-
-def _tokens_complete(split_dir: Path, raw_split: Path) -> bool:
-    report = split_dir / REPORT_FILE
-    if not (split_dir / META_FILE).is_file() or not report.is_file():
-        return False
-    return json.loads(report.read_text())["shards"] == len(list(raw_split.glob("*.tar")))
 
 
 def ensure_embedded_tokens(
@@ -37,16 +29,18 @@ def ensure_embedded_tokens(
         num_workers=num_workers,
     )
     files = tokenizer_files(cfg)  # hashed once for both splits
-    if any(other_tokenizer(tokens / split, files) for split in ("train", "val")):
-        print(
-            f"[world] {tokens} was made with other tokenizers than {shipped_dir}: removing it to tokenize again",
-            flush=True,
-        )
-        shutil.rmtree(tokens)
     for split in ("train", "val"):
-        if not _tokens_complete(tokens / split, raw / split):
-            print(
-                f"[world] tokenizing the embedded world's {split} split (first use) into {tokens / split}", flush=True
-            )
-            print(summary_line(preprocess_split(str(raw / split), tokens / split, cfg)), flush=True)
+        plan = plan_split(str(raw / split), tokens / split, files)
+        if plan.up_to_date and (tokens / split / "report.json").is_file():
+            continue
+        if not (tokens / split).is_dir():
+            why = "first use"
+        elif plan.other_tokenizer:
+            why = f"it was made with other tokenizers than {shipped_dir}"
+        elif plan.remade:
+            why = f"{len(plan.remade)} of its raw shards changed"
+        else:
+            why = "incomplete"
+        print(f"[world] tokenizing the embedded world's {split} split ({why}) into {tokens / split}", flush=True)
+        print(summary_line(preprocess_split(str(raw / split), tokens / split, cfg, overwrite=True)), flush=True)
     return tokens

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,8 +23,9 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from cm3leon.data.checked_reader import decode_or_count, iter_members
+from cm3leon.data.checked_reader import SkipCounter, decode_or_count, iter_members
 from cm3leon.data.raw_shards import list_shards
+from cm3leon.errors import UsageError
 from cm3leon.tokenizers.image_processing import preprocess
 
 log = logging.getLogger(__name__)
@@ -50,13 +50,13 @@ class ImageShardDataset(IterableDataset):
         self.urls = list_shards(shards)
         self.resolution, self.train = resolution, train
         self.shuffle_buffer, self.max_samples, self.seed = shuffle_buffer, max_samples, seed
-        self.skipped: Counter[str] = Counter()  # by reason (checked_reader.SKIP_REASONS), in this process
+        self.skipped = SkipCounter()  # by reason (checked_reader.SKIP_REASONS) and where, in this process
 
     def _read(self, shards: Iterable[dict]) -> Iterator[dict]:
         """webdataset stage: {"url"} dicts -> {"__key__", ext: bytes} samples (truncation counted)."""
         for shard in shards:
             for key, members in iter_members(shard["url"], self.skipped):
-                yield {"__key__": key, **members}
+                yield {"__key__": key, "__url__": shard["url"], **members}
 
     def _pipeline(self) -> wds.DataPipeline:
         if self.train:
@@ -75,7 +75,7 @@ class ImageShardDataset(IterableDataset):
         n = 0
         for raw in self._pipeline():
             key = raw.pop("__key__")
-            sample = decode_or_count(key, raw, self.skipped)
+            sample = decode_or_count(key, raw, self.skipped, where=f"{raw.pop('__url__', '?')}: {key}")
             if sample is None:
                 log.warning("skipped sample %s; skipped so far: %s", key, dict(self.skipped))
                 continue
@@ -90,6 +90,10 @@ class ImageDataModule(L.LightningDataModule):
 
     embedded_world: the shards are split folders (`.../raw/train`, `.../raw/val`) of the embedded
     world; `prepare_data` generates it there on first use.
+    world_dir: the embedded world's raw folder (`conf/train_tokenizer.yaml`: `${paths.world_dir}/raw`);
+        with embedded_world, train_shards must be `world_dir/train`, so that a user's own shards left
+        with embedded_world=true stop here instead of having a world generated beside them.
+    Shards that do not exist stop in the constructor (one line naming data.train_shards/val_shards).
     """
 
     def __init__(
@@ -104,9 +108,23 @@ class ImageDataModule(L.LightningDataModule):
         val_max_samples: int | None = 1000,
         seed: int = 0,
         embedded_world: bool = False,
+        world_dir: str | None = None,
     ):
         super().__init__()
         self.embedded_world = embedded_world
+        self.world_dir = Path(world_dir) if world_dir else None
+        if embedded_world and self.world_dir is not None and Path(train_shards) != self.world_dir / "train":
+            raise UsageError(
+                f"data.train_shards={train_shards} is not the embedded world's folder ({self.world_dir / 'train'}) "
+                "but data.embedded_world=true: set data.embedded_world=false to train on your own shards"
+            )
+        if not embedded_world:  # the world is made by prepare_data; other shards must exist now
+            for option, shards in (("data.train_shards", train_shards), ("data.val_shards", val_shards)):
+                try:
+                    if shards:
+                        list_shards(shards)
+                except FileNotFoundError as e:
+                    raise UsageError(f"{option}={shards}: {e}") from None
         self.train_shards, self.val_shards = train_shards, val_shards
         self.resolution, self.batch_size = resolution, batch_size
         self.val_batch_size = val_batch_size or batch_size
@@ -119,7 +137,7 @@ class ImageDataModule(L.LightningDataModule):
         if self.embedded_world:
             from cm3leon.data.world import ensure_world
 
-            ensure_world(out_dir=str(Path(self.train_shards).parent))
+            ensure_world(out_dir=str(self.world_dir or Path(self.train_shards).parent))
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cm3leon.utils import write_json_atomic
 from cm3leon.vocab import Vocab
 
 FORMAT_VERSION = 1
@@ -76,8 +77,8 @@ def decode_sample(raw: dict) -> TokenSample:
 
 
 def write_meta(out_dir: str | Path, meta: dict) -> None:
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    (Path(out_dir) / META_FILE).write_text(json.dumps({"format_version": FORMAT_VERSION, **meta}, indent=2))
+    """Write `out_dir/meta.json` atomically (the folder is made when missing)."""
+    write_json_atomic(Path(out_dir) / META_FILE, {"format_version": FORMAT_VERSION, **meta})
 
 
 def read_meta(token_dir: str | Path) -> dict:

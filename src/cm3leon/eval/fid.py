@@ -26,6 +26,7 @@ over the same reference set (or the same samples) extracts nothing.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -38,6 +39,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cm3leon.lit.safe_load import load_weights_only
 from cm3leon.tokenizers.image_processing import to_pil, to_rgb
 from cm3leon.utils import file_sha256
 
@@ -449,8 +451,14 @@ class InceptionSpace:
         self.weights_sha256 = file_sha256(self.weights)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.batch_size, self.num_workers = int(batch_size), int(num_workers)
+        # torch-fidelity unpickles a weights file fully (weights_only=False): read it here with
+        # weights_only=True and hand torch-fidelity our own serialisation of those tensors instead
+        state = load_weights_only(self.weights, "Inception weights")
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        buffer.seek(0)
         self.model = FeatureExtractorInceptionV3(
-            INCEPTION_NAME, [feature_layer], feature_extractor_weights_path=str(self.weights), verbose=False
+            INCEPTION_NAME, [feature_layer], feature_extractor_weights_path=buffer, verbose=False
         ).to(self.device)
         self.tf_version = tf_version
 

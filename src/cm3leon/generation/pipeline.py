@@ -70,11 +70,28 @@ def check_checkpoint(path: str | Path | None) -> Path:
 
 
 def load_lm(ckpt: str | Path) -> tuple[CM3LeonLM, Vocab, dict]:
-    """(model in eval mode on CPU without gradients, Vocab, data_meta) from a training checkpoint."""
-    from cm3leon.lit.lm_module import CM3LeonLitModule
+    """(model in eval mode on CPU without gradients, Vocab, data_meta) from a training checkpoint.
 
-    module = CM3LeonLitModule.load_from_checkpoint(str(check_checkpoint(ckpt)), map_location="cpu")
-    return module.model.eval().requires_grad_(False), module.vocab, dict(module.hparams.get("data_meta") or {})
+    Read with torch.load(weights_only=True) (a file that would run code is refused, one line) and
+    built from the hyperparameters the LightningModule saved (`model`, `vocab`, `data_meta`)."""
+    from cm3leon.lit.safe_load import load_weights_only
+    from cm3leon.model import ModelConfig
+
+    path = check_checkpoint(ckpt)
+    container = load_weights_only(path, "checkpoint")
+    container = container if isinstance(container, Mapping) else {}
+    hp = container.get("hyper_parameters") or {}
+    if not hp.get("model") or not hp.get("vocab") or "state_dict" not in container:
+        raise UsageError(
+            f"checkpoint {path} records no model and vocab hyperparameters: not a CM3Leon training checkpoint "
+            "(pass ckpt= a training run's checkpoints/last.ckpt)"
+        )
+    vocab = Vocab.from_dict(hp["vocab"])
+    model = CM3LeonLM(ModelConfig.from_dict(dict(hp["model"]), vocab_size=vocab.size))
+    # the LightningModule holds the model as `model.`; other entries (compiled alias, metrics) are not the model's
+    weights = {k.removeprefix("model."): v for k, v in container["state_dict"].items() if k.startswith("model.")}
+    model.load_state_dict(weights, strict=True)
+    return model.eval().requires_grad_(False), vocab, dict(hp.get("data_meta") or {})
 
 
 def tokenizer_path(meta: Mapping, key: str, given: str | Path | None = None) -> Path:
@@ -100,9 +117,10 @@ def check_codebook(image_tokenizer, vocab: Vocab, path: str | Path = "") -> None
 
 def checkpoint_meta(ckpt: str | Path) -> dict:
     """The data meta a training checkpoint records (tokenizers, retrieval), without reading its
-    weights into memory (memory-mapped load)."""
-    ckpt = check_checkpoint(ckpt)
-    container = torch.load(ckpt, map_location="cpu", mmap=True, weights_only=False)
+    weights into memory (memory-mapped, weights_only load)."""
+    from cm3leon.lit.safe_load import load_weights_only
+
+    container = load_weights_only(check_checkpoint(ckpt), "checkpoint", mmap=True)
     return dict((container.get("hyper_parameters") or {}).get("data_meta") or {})
 
 

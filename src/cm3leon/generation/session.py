@@ -12,7 +12,7 @@ from the cache's per-row offsets (`KVCache(start=...)`, `CM3LeonLM.forward`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -128,16 +128,25 @@ class DecodeSession:
 
 
 def sample_fixed(
-    session: DecodeSession, picker: Picker, n_tokens: int, allowed: torch.Tensor | None, then_feed: bool = False
+    session: DecodeSession,
+    picker: Picker,
+    n_tokens: int,
+    allowed: torch.Tensor | None,
+    then_feed: bool = False,
+    on_step: Callable[[int], None] | None = None,
+    every: int = 32,
 ) -> torch.Tensor:
     """Sample exactly n_tokens per sample -> ids [B, n_tokens]. The last one is fed to the session
-    only when `then_feed` (the caller continues the sequence)."""
+    only when `then_feed` (the caller continues the sequence). `on_step(t)` is called with the tokens
+    sampled so far every `every` steps and after the last one (progress; None: never)."""
     out = torch.empty(session.B, n_tokens, dtype=torch.long, device=session.device)
     for t in range(n_tokens):
         tok = picker(session.logits, allowed)
         out[:, t] = tok
         if then_feed or t + 1 < n_tokens:
             session.feed(tok)
+        if on_step is not None and ((t + 1) % every == 0 or t + 1 == n_tokens):
+            on_step(t + 1)  # a plain int: reading a GPU tensor here would synchronise every step
     return out
 
 

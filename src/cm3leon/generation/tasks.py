@@ -12,7 +12,7 @@ Each task lays out its prompts with `cm3leon.data.sequences` (the training layou
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -73,6 +73,11 @@ def generate(
     return sample_fixed(session, picker, max_new_tokens, allowed)
 
 
+def _chunk_progress(progress: Callable[[int, int], None], done: int, rows: int, total: int) -> Callable[[int], None]:
+    """sample_fixed's on_step for one chunk of `rows` samples, after `done` image tokens of `total`."""
+    return lambda t: progress(done + t * rows, total)
+
+
 @torch.inference_mode()
 def generate_images(
     model: CM3LeonLM,
@@ -89,6 +94,8 @@ def generate_images(
     then_break: bool = False,
     generator: torch.Generator | None = None,
     cuda_graph: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+    progress_every: int = 32,
 ) -> torch.Tensor:
     """Text to image: image codes [N, tokens_per_image] for N captions (BPE id arrays).
 
@@ -97,6 +104,8 @@ def generate_images(
     batch_size: samples per forward (default all); prompts of any lengths share a batch.
     then_break: return [N, tokens_per_image + 1] ids instead, with the `<break>` that continues the
         sequence appended (vocabulary ids, not codes) and fed to the model.
+    progress: called as progress(image tokens done, total = N * tokens_per_image) every
+        `progress_every` decode steps (e.g. a tqdm bar's update; None: no progress, the default).
     Exactly tokens_per_image tokens are sampled per image, restricted to the image-code ids.
     """
     dec = decoding or DecodingConfig(temperature=temperature, top_p=top_p)
@@ -114,7 +123,12 @@ def generate_images(
             model, prompts, 2 if dec.needs_uncond else 1, tokens_per_image + int(then_break), cuda_graph=cuda_graph
         )
         picker = Picker(dec, gen, mixed_rows(s, e - s, device))
-        ids = sample_fixed(session, picker, tokens_per_image, allowed, then_feed=then_break)
+        on_step = (
+            None if progress is None else _chunk_progress(progress, s * tokens_per_image, e - s, N * tokens_per_image)
+        )
+        ids = sample_fixed(
+            session, picker, tokens_per_image, allowed, then_feed=then_break, on_step=on_step, every=progress_every
+        )
         if then_break:
             session.feed_same(vocab.break_id)
             out[s:e] = torch.cat([ids, torch.full_like(ids[:, :1], vocab.break_id)], 1).cpu()

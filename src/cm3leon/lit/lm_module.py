@@ -21,6 +21,7 @@ from torchmetrics import Metric, SumMetric
 
 from cm3leon.data.sequences import IGNORE_INDEX
 from cm3leon.errors import UsageError
+from cm3leon.lit.safe_load import to_plain
 from cm3leon.model import CM3LeonLM, ModelConfig
 from cm3leon.vocab import Vocab
 
@@ -73,13 +74,19 @@ class CM3LeonLitModule(L.LightningModule):
         data_meta: dict | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters()
-        self.optim = dict(optim or {})
+        # plain dicts and lists only (OmegaConf nodes become dicts): the checkpoint then loads with
+        # torch.load(weights_only=True), which the inference loader and resume insist on
+        self.save_hyperparameters(
+            to_plain(
+                dict(model=model, vocab=vocab, optim=optim, compile=compile, data_meta=data_meta), "hyperparameters"
+            )
+        )
+        self.optim = dict(self.hparams.optim or {})
         self.vocab: Vocab | None = None
         self.model: CM3LeonLM | None = None
         self.flops_per_batch = 0  # read by lightning's ThroughputMonitor (MFU)
         if vocab is not None:
-            self._build(Vocab.from_dict(vocab))
+            self._build(Vocab.from_dict(self.hparams.vocab))
 
     def configure_model(self) -> None:
         """Build the model from the DataModule's vocabulary (after its prepare_data and setup)."""
@@ -91,7 +98,8 @@ class CM3LeonLitModule(L.LightningModule):
                 "CM3LeonLitModule without vocab= needs a CM3DataModule: trainer.fit(module, datamodule=dm)"
             )
         vocab = dm.load_meta()
-        self.hparams.update(vocab=vocab.to_dict(), data_meta=self.hparams.get("data_meta") or dm.data_meta())
+        meta = self.hparams.get("data_meta") or to_plain(dm.data_meta(), "data_meta")
+        self.hparams.update(vocab=vocab.to_dict(), data_meta=meta)
         self._build(vocab)
 
     def _build(self, vocab: Vocab) -> None:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from cm3leon.config import CodebookConfig, CropConfig, OptimConfig, ValConfig
 from cm3leon.data.checker import caption_accuracy
+from cm3leon.lit.checks import check_caption_checker
 from cm3leon.tokenizers.image_processing import postprocess
 from cm3leon.tokenizers.vqgan import VQGANConfig, VQModel
 from cm3leon.tokenizers.vqgan_loss import VQGANLoss, VQGANLossConfig
@@ -214,6 +215,11 @@ class VQGANModule(L.LightningModule):
         self._counts.clear()
         if self._trainer is not None:
             self.log("train/restarted_codes", float(dead.numel()), on_step=True, on_epoch=False)
+
+    def setup(self, stage: str) -> None:
+        # the world's caption checker on other captions would crash at the first validation: stop now
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        check_caption_checker(self.val_cfg.caption_accuracy, getattr(datamodule, "val_shards", None))
 
     # ---- validation -------------------------------------------------------------------------
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:

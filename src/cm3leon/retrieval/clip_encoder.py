@@ -20,12 +20,14 @@ normalised in fp32. A random-initialised model is refused: retrieval needs train
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from cm3leon.lit.safe_load import refusal
 from cm3leon.retrieval.tiny_clip import TINY_CLIP, register_tiny_clip
 from cm3leon.tokenizers.image_processing import ImageLike, to_pil, to_rgb
 
@@ -120,9 +122,13 @@ class DocumentEncoder:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.precision = precision or ("fp16" if self.device.type == "cuda" else "fp32")
         self.model_name, self.pretrained, self.batch_size = model_name, pretrained, batch_size
-        self.model, _, self.preprocess = open_clip.create_model_and_transforms(
-            model_name, pretrained=pretrained, device=self.device, precision=self.precision
-        )
+        try:
+            # weights_only: a weights file (local or downloaded) never runs code when it is read
+            self.model, _, self.preprocess = open_clip.create_model_and_transforms(
+                model_name, pretrained=pretrained, device=self.device, precision=self.precision, weights_only=True
+            )
+        except pickle.UnpicklingError as e:
+            raise refusal(pretrained, "CLIP weights", e) from None
         self.model.eval().requires_grad_(False)
         self.tokenizer = open_clip.get_tokenizer(model_name)
         self.dim = int(self.model.visual.output_dim)

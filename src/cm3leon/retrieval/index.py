@@ -33,6 +33,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from cm3leon.utils import atomic_path
+
 KINDS = ("auto", "flat", "ivf", "ivfpq", "hnsw")
 MMAP_FLAGS = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_MMAP_IFC
 
@@ -141,9 +143,8 @@ def build_index(vectors: np.ndarray, cfg: IndexConfig, path: str | Path) -> tupl
         if gpu:
             index = faiss.index_gpu_to_cpu(index)
         set_search_params(index, cfg.nprobe, cfg.ef_search)  # saved with the index
-        tmp = path.with_name(path.name + ".tmp")
-        faiss.write_index(index, str(tmp))
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            faiss.write_index(index, str(tmp))
     stats = {
         "kind": kind,
         "factory": factory,
@@ -178,9 +179,10 @@ def _build_sharded(vectors: np.ndarray, trained: faiss.Index, gpu: bool, cfg: In
     merged = faiss.deserialize_index(empty)
     ivfdata = path.with_name(path.stem + ".ivfdata")
     ivfdata.unlink(missing_ok=True)
-    merge_ondisk(merged, shard_files, str(ivfdata))
+    merge_ondisk(merged, shard_files, str(ivfdata))  # the index names this file: written in place
     set_search_params(merged, cfg.nprobe, cfg.ef_search)
-    faiss.write_index(merged, str(path))
+    with atomic_path(path) as tmp:
+        faiss.write_index(merged, str(tmp))
     for f in shard_files:
         os.unlink(f)
     return load_index(path, gpu=False)
@@ -224,10 +226,9 @@ class KeyMap:
         if len(arr) == 0:
             arr = np.zeros(0, dtype="S1")
         order = np.argsort(arr, kind="stable").astype(np.int64)
-        prefix = str(prefix)
-        np.save(prefix + ".npy", arr)
-        np.save(prefix + ".sorted.npy", arr[order])
-        np.save(prefix + ".order.npy", order)
+        for suffix, a in ((".npy", arr), (".sorted.npy", arr[order]), (".order.npy", order)):
+            with atomic_path(str(prefix) + suffix) as tmp, open(tmp, "wb") as f:
+                np.save(f, a)  # a file object: np.save would append .npy to the temporary name
 
     @classmethod
     def load(cls, prefix: str | Path, mmap: bool = True) -> "KeyMap":

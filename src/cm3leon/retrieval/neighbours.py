@@ -42,7 +42,7 @@ import os
 import time
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +56,7 @@ from cm3leon.errors import UsageError
 from cm3leon.retrieval.index import IndexConfig, KeyMap, build_index
 from cm3leon.retrieval.protocol import RetrievalQuery
 from cm3leon.retrieval.token_store import TokenStore, write_token_store
+from cm3leon.utils import atomic_path
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -168,12 +169,15 @@ def _raw_shard_map(source: str, split: str, cfg: RetrievalConfig) -> dict[str, s
     return {Path(s).name: s for s in shards}
 
 
-def embed_split(encoder, split_dir: Path, out: Path, cfg: RetrievalConfig, split: str) -> dict:
-    """Embed every pair of one token-shard split into `out/{image,text,query_text}.npy` + keys."""
+def embed_split(
+    encoder, split_dir: Path, out: Path, cfg: RetrievalConfig, split: str, raw: dict[str, str] | None = None
+) -> dict:
+    """Embed every pair of one token-shard split into `out/{image,text,query_text}.npy` + keys
+    (`raw`: raw shard name -> path, `_raw_shard_map`)."""
     from numpy.lib.format import open_memmap
 
-    meta = read_meta(split_dir)
-    raw = _raw_shard_map(meta.get("source", ""), split, cfg)
+    if raw is None:
+        raw = _raw_shard_map(read_meta(split_dir).get("source", ""), split, cfg)
     shards = list_shards(split_dir)
     out.mkdir(parents=True, exist_ok=True)
     counts = [shard_sample_count(s) for s in shards]
@@ -237,29 +241,72 @@ def _load_f32(path: Path, rows: slice | None = None) -> np.ndarray:
     return np.asarray(a if rows is None else a[rows], dtype=np.float32)
 
 
-def build_retrieval(retrieval_cfg, token_dir: str | Path, progress: bool = True) -> dict:
+def _existing_build(folder: Path, cfg: RetrievalConfig, token_dir: Path) -> tuple[dict | None, str | None]:
+    """(manifest, why it differs) of the build in `folder`: (None, None) when there is none,
+    (manifest, None) when it matches the token shards and the config. Raises UsageError when the
+    folder holds files that build_index did not write."""
+    if not folder.exists() or (folder.is_dir() and not any(folder.iterdir())):
+        return None, None
+    if not (folder / MANIFEST).is_file():
+        raise UsageError(
+            f"retrieval dir {folder} is not empty and holds no {MANIFEST} (it was not made by build_index): "
+            "choose a new or empty folder (retrieval.dir=...)"
+        )
+    try:
+        manifest = read_manifest(folder, token_dir)
+    except UsageError:  # an older format: other inputs as far as reuse goes
+        return {}, "an older format"
+    reason = stale_reason(cfg, token_dir)
+    if reason is None and manifest["index"].get("config") != asdict(IndexConfig(**cfg.index)):
+        reason = "the index settings differ"
+    return manifest, reason
+
+
+def build_retrieval(retrieval_cfg, token_dir: str | Path, progress: bool = True, overwrite: bool = False) -> dict:
     """Embed, index, select neighbours and write the token store for `<token_dir>/{splits}`.
 
     Returns (and writes) the manifest. `retrieval_cfg`: `conf/retrieval/ra.yaml` (dict, DictConfig
-    or RetrievalConfig).
+    or RetrievalConfig). Inputs are checked first (token shards, raw shards, the encoder's weights);
+    a finished build of the same inputs and config is returned as it is (`"reused": True`); a build
+    of other inputs is replaced only with `overwrite`. The files are written in `<folder>.tmp` and
+    renamed into place at the end, so an interrupted build leaves the old one whole.
     """
-    from numpy.lib.format import open_memmap
-
-    from cm3leon.retrieval.clip_encoder import DocumentEncoder, document_vectors
+    from cm3leon.retrieval.clip_encoder import DocumentEncoder
 
     cfg = RetrievalConfig.from_any(retrieval_cfg)
     token_dir = Path(token_dir)
     folder = cfg.folder(token_dir)
     splits = list(dict.fromkeys([cfg.bank_split, *cfg.query_splits]))
-    for split in splits:
-        read_meta(token_dir / split)  # one clear line when a split has no token shards
-    (folder / MANIFEST).unlink(missing_ok=True)  # the manifest is written last: its presence = complete
+    raw_maps = {}
+    for split in splits:  # one clear line when a split has no token or raw shards
+        raw_maps[split] = _raw_shard_map(read_meta(token_dir / split).get("source", ""), split, cfg)
+    IndexConfig(**cfg.index)  # a bad index kind: one line now, not after embedding
+    old, reason = _existing_build(folder, cfg, token_dir)
+    if old is not None and reason is None:
+        return {**old, "reused": True}
+    if old is not None and not overwrite:
+        raise UsageError(
+            f"{folder} holds retrieval files of other inputs or settings ({reason}): "
+            f"pass overwrite=true to rebuild them, or choose another retrieval.dir"
+        )
     t0 = time.time()
     say = print if progress else (lambda *a, **k: None)
     encoder = DocumentEncoder(**cfg.encoder)
+    with atomic_path(folder) as tmp:
+        tmp.mkdir()
+        manifest = _build_into(tmp, cfg, token_dir, splits, raw_maps, encoder, say, t0)
+    return manifest
+
+
+def _build_into(folder: Path, cfg: RetrievalConfig, token_dir: Path, splits, raw_maps, encoder, say, t0) -> dict:
+    """The build itself, into a fresh `folder` (the temporary one)."""
+    from numpy.lib.format import open_memmap
+
+    from cm3leon.retrieval.clip_encoder import document_vectors
+
     split_info = {}
     for split in splits:
-        split_info[split] = embed_split(encoder, token_dir / split, folder / split, cfg, split)
+        split_info[split] = embed_split(encoder, token_dir / split, folder / split, cfg, split, raw_maps[split])
         say(f"[retrieval] embedded {split_info[split]['n']} {split} pairs ({time.time() - t0:.0f} s)", flush=True)
     key_maps = {s: KeyMap.load(folder / s / "keys", mmap=False) for s in splits}
     for i, a in enumerate(splits):
@@ -338,8 +385,8 @@ def build_retrieval(retrieval_cfg, token_dir: str | Path, progress: bool = True)
         "neighbours": stats,
         "seconds": round(time.time() - t0, 1),
     }
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    return manifest
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))  # last: its presence = complete
+    return {**manifest, "reused": False}
 
 
 # ---- checks and first-use build ----------------------------------------------------------------
@@ -396,7 +443,7 @@ def ensure_retrieval(retrieval_cfg, token_dir: str | Path, build_missing: bool =
     if not build_missing:
         raise UsageError(f"retrieval files in {folder} are stale ({reason}); rebuild with {build_command(token_dir)}")
     print(f"[retrieval] building the retrieval files ({reason}) into {folder}", flush=True)
-    build_retrieval(cfg, token_dir)
+    build_retrieval(cfg, token_dir, overwrite=True)  # the embedded world's own files follow its token shards
     return folder
 
 

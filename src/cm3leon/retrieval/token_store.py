@@ -28,6 +28,7 @@ from cm3leon.data.sequences import Document
 from cm3leon.data.token_shards import decode_sample
 from cm3leon.data.token_stream import read_token_shard
 from cm3leon.retrieval.index import KeyMap
+from cm3leon.utils import atomic_path, write_json_atomic
 
 STORE_FILE = "store.json"
 
@@ -53,7 +54,8 @@ def write_token_store(token_shards: list[str], out_dir: str | Path) -> dict:
                 lengths.append(len(s.text_ids))
     offsets = np.zeros(len(keys) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    np.save(out / "offsets.npy", offsets)
+    with atomic_path(out / "offsets.npy") as tmp, open(tmp, "wb") as f:
+        np.save(f, offsets)
     KeyMap.write(out / "keys", keys)
     os.replace(out / "text.bin.tmp", out / "text.bin")
     os.replace(out / "codes.bin.tmp", out / "codes.bin")
@@ -63,7 +65,7 @@ def write_token_store(token_shards: list[str], out_dir: str | Path) -> dict:
         "text_tokens": int(offsets[-1]),
         "source": list(map(str, token_shards))[:1] + (["..."] if len(token_shards) > 1 else []),
     }
-    (out / STORE_FILE).write_text(json.dumps(info, indent=2))
+    write_json_atomic(out / STORE_FILE, info)  # last: its presence means the store is complete
     return info
 
 

@@ -61,16 +61,16 @@ def resolve_config(config: ConfigLike) -> VQGANConfig:
 
 
 def _load_container(path: Path) -> dict[str, Any]:
-    """Read a .safetensors or torch file into a dict (a state dict or a checkpoint holding one)."""
+    """Read a .safetensors or torch file into a dict (a state dict or a checkpoint holding one).
+    Torch files are read with weights_only=True: one that would run code is refused (UsageError),
+    never unpickled."""
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         return load_file(str(path), device="cpu")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        log.debug("weights_only load of %s failed (%s); loading the full pickle", path, e)
-        return torch.load(path, map_location="cpu", weights_only=False)
+    from cm3leon.lit.safe_load import load_weights_only
+
+    return load_weights_only(path, "image tokenizer")
 
 
 def _config_from_hparams(obj: Mapping[str, Any]) -> VQGANConfig | None:
@@ -115,16 +115,30 @@ def read_vq_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return _vq_state_dict_of(_load_container(Path(path)))
 
 
-def save_vqgan(model: VQModel, path: str | Path, note: str = "") -> Path:
+def save_vqgan(model: VQModel, path: str | Path, note: str = "", overwrite: bool = False) -> Path:
     """Write the VQModel weights ({"state_dict": taming keys}) to `path` and its architecture, in the
-    taming/Chameleon yaml layout, beside it (`path` with a .yaml suffix); `note` becomes its header."""
+    taming/Chameleon yaml layout, beside it (`path` with a .yaml suffix); `note` becomes its header.
+
+    An existing `path` (or its .yaml) is replaced only with `overwrite` (else a one-line UsageError
+    before anything is written); each file is written under a temporary name and renamed, so a
+    failed export leaves the old files whole. Callers that train first should run the same check
+    before training (`path.exists() and not overwrite`)."""
+    from cm3leon.errors import UsageError
+    from cm3leon.utils import atomic_path
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}, path)
+    yaml_path = path.with_suffix(".yaml")
+    existing = [p for p in (path, yaml_path) if p.exists()]
+    if existing and not overwrite:
+        raise UsageError(f"{existing[0]} exists: pass overwrite=true to replace it, or export to another path")
+    state = {"state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
     header = f"# VQGAN architecture for {path.name} (taming/Chameleon yaml layout).\n"
     header += "".join(f"# {line}\n" for line in note.splitlines())
     yaml_text = OmegaConf.to_yaml(OmegaConf.create(model.cfg.to_taming_yaml_dict()))
-    path.with_suffix(".yaml").write_text(header + yaml_text)
+    with atomic_path(yaml_path) as tmp:
+        tmp.write_text(header + yaml_text)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
     return path
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from cm3leon.errors import UsageError
+from cm3leon.utils import atomic_path
 from cm3leon.vocab import TEXT_SPECIAL_TOKENS
 
 
@@ -47,9 +49,19 @@ class TextTokenizer:
         """BPE ids -> text; ids outside the text table must be removed by the caller."""
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
 
-    def save(self, path: str | Path) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save(str(path))
+    def save(self, path: str | Path, overwrite: bool = False) -> None:
+        """Write the tokenizer JSON to `path` atomically; an existing file is replaced only with
+        `overwrite` (else a one-line UsageError)."""
+        check_new_output(path, overwrite)
+        with atomic_path(path) as tmp:
+            self.tokenizer.save(str(tmp))
+
+
+def check_new_output(path: str | Path, overwrite: bool) -> None:
+    """Raise a one-line UsageError when `path` exists and `overwrite` is not set: a writer calls
+    this before its work (training), not only before writing."""
+    if Path(path).exists() and not overwrite:
+        raise UsageError(f"{path} exists: pass overwrite=true to replace it, or choose another output path")
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> TextTokenizer:
