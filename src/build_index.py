@@ -42,6 +42,10 @@ def main(cfg: DictConfig) -> None:
         from cm3leon.data.embedded import ensure_embedded_tokens
 
         ensure_embedded_tokens(cfg.world, cfg.tokens_dir, cfg.shipped_dir)
+    else:  # real data: the world's tiny CLIP would make a meaningless memory bank
+        from cm3leon.lit.checks import warn_world_clip
+
+        warn_world_clip("retrieval.encoder", cfg.retrieval.encoder, "embedded_world=false")
     # a missing file: one line (cm3leon.cli); the embedded world's own files follow its tokens unasked
     manifest = build_retrieval(cfg.retrieval, cfg.tokens_dir, overwrite=cfg.overwrite or cfg.embedded_world)
     summary = {

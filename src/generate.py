@@ -107,7 +107,7 @@ def run(cfg: DictConfig) -> dict:
             print(f"[generate] {len(docs[0])} retrieved documents from {pipe.retriever.folder} go before the prompt")
         from tqdm import tqdm
 
-        bar = tqdm(total=n * pipe.tokens_per_image, desc="generate", unit="tok", disable=not cfg.progress)
+        bar = tqdm(total=n * pipe.tokens_per_image, desc="generate", unit="tok", disable=not cfg.get("progress", True))
         codes = tasks.generate_images(
             pipe.model,
             pipe.vocab,

@@ -37,6 +37,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from cm3leon.cli import hydra_entry
+from cm3leon.errors import UsageError
 from cm3leon.lit.checks import check_caption_checker, check_max_steps
 from cm3leon.tokenizers.image_tokenizer import read_vq_state_dict, save_vqgan
 
@@ -47,6 +48,8 @@ def train(cfg: DictConfig) -> dict:
     """Fit the VQGAN as `cfg` says; returns the final train/val metrics (and the export path)."""
     if cfg.init_from and not Path(cfg.init_from).is_file():
         raise FileNotFoundError(f"init_from={cfg.init_from}: no such VQGAN weights file (a .ckpt in taming layout)")
+    if cfg.export_to and not cfg.overwrite and Path(cfg.export_to).exists():  # before hours of training
+        raise UsageError(f"export_to={cfg.export_to} exists: pass overwrite=true to replace it, or another export_to")
     if not cfg.trainer.get("fast_dev_run"):
         check_max_steps(cfg.trainer.get("max_steps"))  # training shards are resampled: an endless stream
     torch.set_num_threads(int(cfg.threads))
@@ -72,7 +75,7 @@ def train(cfg: DictConfig) -> dict:
     if cfg.export_to:
         overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
         note = "rebuild: .venv/bin/python src/train_tokenizer.py " + " ".join(overrides)
-        metrics["exported"] = str(save_vqgan(module.vqgan, cfg.export_to, note))
+        metrics["exported"] = str(save_vqgan(module.vqgan, cfg.export_to, note, overwrite=bool(cfg.overwrite)))
     print(json.dumps({"run_dir": str(cfg.paths.output_dir), **metrics}), flush=True)
     return metrics
 

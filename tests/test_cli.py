@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from cm3leon.cli import USAGE_EXIT_CODE, hydra_entry, usage_error_of
+from cm3leon.cli import USAGE_EXIT_CODE, hydra_entry, one_line, usage_error_of
 from cm3leon.errors import UsageError
 from project import SRC_DIR
 
@@ -50,7 +50,7 @@ def write_script(tmp_path, body: str):
         ("print(cfg.what)", [], 0, None),
         ('raise UsageError("data.x=/nope not found: pass data.x=PATH")', [], USAGE_EXIT_CODE, "data.x=/nope"),
         ('open("/nope/file")', [], USAGE_EXIT_CODE, "/nope/file"),
-        ("print(cfg.what)", ["nokey=1"], USAGE_EXIT_CODE, None),  # Hydra cannot compose it
+        ("print(cfg.what)", ["nokey=1"], USAGE_EXIT_CODE, "+nokey=1"),  # Hydra cannot compose it: one line too
         ('raise RuntimeError("a real bug")', [], 1, None),  # a crash: the traceback stays
     ],
 )
@@ -68,6 +68,15 @@ def test_error_policy(tmp_path, body, args, code, one_line):
         assert len(lines) == 1 and lines[0].startswith("error: ") and one_line in lines[0], proc.stderr
     if code == 1:
         assert "a real bug" in proc.stderr and "RuntimeError" in proc.stderr
+
+
+def test_hydra_reports_become_one_line():
+    report = (
+        "In 'train': Could not find 'model/nosuch'\n\nAvailable options in 'model':\n\t350m\n\ttiny\n"
+        "Config search path:\n\tprovider=hydra, path=pkg://hydra.conf\n\n"
+        "Set the environment variable HYDRA_FULL_ERROR=1 for a complete stack trace.\n"
+    )
+    assert one_line(report) == "In 'train': Could not find 'model/nosuch'; Available options in 'model': 350m, tiny"
 
 
 def test_usage_errors_raised_inside_instantiate_are_found():

@@ -5,6 +5,7 @@ epoch boundary, then resume; the batches seen and the final weights equal an uni
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import random
@@ -67,6 +68,11 @@ def wait_for(predicate, proc: subprocess.Popen, timeout: float = 180) -> None:
 
 def n_lines(path: Path) -> int:
     return len(path.read_text().splitlines()) if path.is_file() else 0
+
+
+def csv_rows(run: Path) -> list[dict]:
+    with open(run / "csv" / "metrics.csv", newline="") as f:
+        return [{k: r.get(k, "") for k in ("step", "train/loss", "val/loss")} for r in csv.DictReader(f)]
 
 
 def ckpt_step(path: Path) -> int:
@@ -215,7 +221,11 @@ def test_kills_at_random_steps_resume_to_the_uninterrupted_result(tiny_tokens, t
     assert a["global_step"] == b["global_step"] == total
     for name, tensor in a["state_dict"].items():
         assert torch.equal(tensor, b["state_dict"][name]), name
-    # the CSV log holds every step once, rows from before each interruption included
-    rows = (run / "csv" / "metrics.csv").read_text().splitlines()
-    assert len(rows) == len((straight / "csv" / "metrics.csv").read_text().splitlines())
+    # the CSV log holds every step's training loss once, as the uninterrupted run logged it (rows from
+    # before each interruption included); a validation pass cut by SIGTERM is not redone, so its row
+    # is the one that may be missing
+    ours, theirs = csv_rows(run), csv_rows(straight)
+    assert [r for r in ours if r["train/loss"]] == [r for r in theirs if r["train/loss"]]
+    val = [r for r in ours if r["val/loss"]]
+    assert val and all(r in theirs for r in val)
     assert not [p for p in (run / "checkpoints").iterdir() if not p.name.endswith(".ckpt")]  # no temp files

@@ -15,7 +15,7 @@ Error policy:
   `error: <message>`, and the script exits with code 2 (no traceback), also when Hydra's
   `instantiate` raised it while building an object of the config;
 - a bad command line that Hydra cannot compose (unknown key, wrong group option, bad override
-  syntax) also exits with code 2, after Hydra's own message;
+  syntax) is the same: Hydra's message condensed to one line, exit code 2;
 - anything else is a real crash: Hydra prints its traceback (HYDRA_FULL_ERROR=1 for the whole one)
   and the exit code is 1.
 
@@ -28,6 +28,7 @@ library itself never reads it.
 from __future__ import annotations
 
 import functools
+import io
 import os
 import sys
 from collections.abc import Callable
@@ -67,6 +68,32 @@ def report_usage_error(error: BaseException) -> None:
     sys.exit(USAGE_EXIT_CODE)
 
 
+# lines of Hydra's composition-error report that locate rather than explain
+_HYDRA_NOISE = (
+    "full_key:",
+    "object_type=",
+    "reference_type=",
+    "Set the environment variable HYDRA_FULL_ERROR",
+    "Config search path",
+    "provider=",
+)
+
+
+def one_line(report: str) -> str:
+    """Hydra's multi-line composition-error report as one line (a list under `...:` joined by commas)."""
+    parts: list[str] = []
+    listing = False
+    for line in (raw.strip() for raw in report.splitlines()):
+        if not line or line.startswith(_HYDRA_NOISE):
+            continue
+        if listing and " " not in line:  # an item of the list the previous line announced
+            parts[-1] += (" " if parts[-1].endswith(":") else ", ") + line
+            continue
+        listing = line.endswith(":")
+        parts.append(line.rstrip("."))
+    return "; ".join(parts)
+
+
 def hydra_entry(config_name: str, script: str | Path) -> Callable[[Callable[[Any], Any]], Callable[[], Any]]:
     """Decorate `task(cfg)` as the script's `main()`: Hydra composes `<root>/conf/<config_name>.yaml`
     with the command line, then runs the task under the error policy above. `main()` returns the
@@ -78,11 +105,21 @@ def hydra_entry(config_name: str, script: str | Path) -> Callable[[Callable[[Any
 
         started = False
 
+        real_stderr: list = []  # sys.stderr while Hydra composes is a buffer (see main)
+
+        def restore_stderr() -> str:
+            """Give the process its stderr back; return what was written meanwhile."""
+            if not real_stderr:
+                return ""
+            buffer, sys.stderr = sys.stderr, real_stderr.pop()
+            return buffer.getvalue() if isinstance(buffer, io.StringIO) else ""
+
         @hydra.main(version_base="1.3", config_path=str(root / "conf"), config_name=config_name)
         @functools.wraps(task)
         def hydra_main(cfg):
             nonlocal started
             started = True
+            sys.stderr.write(restore_stderr())  # composed: whatever Hydra said is not an error
             try:
                 return task(cfg)
             except Exception as e:
@@ -97,13 +134,21 @@ def hydra_entry(config_name: str, script: str | Path) -> Callable[[Callable[[Any
 
             register_configs()
             os.environ.setdefault("PROJECT_ROOT", str(root))
+            # Hydra reports a command line it cannot compose in several lines on stderr, then exits 1:
+            # hold stderr until the task starts, so that such a report becomes one line (exit 2)
+            real_stderr.append(sys.stderr)
+            sys.stderr = io.StringIO()
             try:
                 return hydra_main()
             except SystemExit as e:
-                # Hydra exits 1 when it cannot compose the command line: a usage error too
-                if e.code == 1 and not started:
+                held = restore_stderr()
+                if e.code == 1 and not started and held.strip():
+                    print(f"error: {one_line(held)}", file=sys.stderr)
                     sys.exit(USAGE_EXIT_CODE)
+                sys.stderr.write(held)
                 raise
+            finally:
+                sys.stderr.write(restore_stderr())  # --help, --cfg: nothing was wrong
 
         main.task = task  # the undecorated task, for tests and notebooks
         return main

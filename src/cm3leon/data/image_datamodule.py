@@ -113,7 +113,7 @@ class ImageDataModule(L.LightningDataModule):
         super().__init__()
         self.embedded_world = embedded_world
         self.world_dir = Path(world_dir) if world_dir else None
-        if embedded_world and self.world_dir is not None and Path(train_shards) != self.world_dir / "train":
+        if embedded_world and self.world_dir is not None and not _same_path(train_shards, self.world_dir / "train"):
             raise UsageError(
                 f"data.train_shards={train_shards} is not the embedded world's folder ({self.world_dir / 'train'}) "
                 "but data.embedded_world=true: set data.embedded_world=false to train on your own shards"
@@ -163,3 +163,8 @@ class ImageDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader | list:
         return [] if self.val_set is None else self._loader(self.val_set, self.val_batch_size)
+
+
+def _same_path(spec, path: Path) -> bool:
+    """True when a shard spec (a folder, a glob, a list) is exactly the folder `path`."""
+    return isinstance(spec, str | os.PathLike) and Path(spec).resolve() == path.resolve()

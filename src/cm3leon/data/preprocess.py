@@ -30,7 +30,7 @@ import torch
 import webdataset as wds
 from tqdm import tqdm
 
-from cm3leon.data.checked_reader import SKIP_REASONS, iter_raw_samples
+from cm3leon.data.checked_reader import SKIP_REASONS, SkipCounter, iter_raw_samples
 from cm3leon.data.raw_shards import list_shards
 from cm3leon.data.token_shards import REPORT_FILE, TokenSample, encode_sample, read_meta, write_meta
 from cm3leon.errors import UsageError
@@ -70,7 +70,7 @@ class ShardTokenizer:
     def process(self, in_path: str, out_path: Path, made_from: dict | None = None) -> dict:
         """Tokenize `in_path` into `out_path` (atomically); return its counts. `made_from` (the raw
         shard's stamp, the tokenizers' hashes) is recorded in the stats sidecar with the keys."""
-        skipped: Counter = Counter()
+        skipped = SkipCounter()  # counts by reason and names the first places of each
         keys: list[str] = []
         with atomic_path(out_path) as tmp, wds.TarWriter(str(tmp)) as sink:
             batch = []
@@ -90,6 +90,7 @@ class ShardTokenizer:
             "raw": str(in_path),
             "written": len(keys),
             "skipped": dict(skipped),
+            "skipped_where": skipped.examples,
             "made_from": made_from or {},
             "keys": keys,
         }
@@ -288,9 +289,11 @@ def preprocess_split(
 
     all_stats = plan.reused + done
     check_unique_keys(all_stats)  # before report.json: an unfinished report marks the split as not done
-    skipped = Counter()
+    skipped, where = Counter(), {}
     for s in all_stats:
         skipped.update(s["skipped"])
+        for reason, places in s.get("skipped_where", {}).items():
+            where.setdefault(reason, []).extend(places[: SkipCounter.MAX_EXAMPLES - len(where.get(reason, []))])
     report = {
         "raw": str(raw),
         "out_dir": str(out_dir),
@@ -301,6 +304,7 @@ def preprocess_split(
         "shards_removed": len(plan.orphans),
         "written": sum(s["written"] for s in all_stats),
         "skipped": {r: skipped.get(r, 0) for r in SKIP_REASONS},
+        "skipped_where": where,  # the first places of each reason ("shard.tar: key")
         "seconds": round(time.time() - t0, 2),
     }
     write_json_atomic(out_dir / REPORT_FILE, report)

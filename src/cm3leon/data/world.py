@@ -232,6 +232,13 @@ class WorldConfig:
     image_size: int = 64
     num_workers: int = 2
 
+    def __post_init__(self) -> None:
+        # values come from the command line: `n_train=abc` must stop here, in one line
+        for name in ("seed", "n_train", "n_val", "shard_size", "image_size", "num_workers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise UsageError(f"{name}={value!r} must be an integer")
+
     def content(self) -> dict:
         """The fields that determine the generated samples (compared against the manifest)."""
         return {

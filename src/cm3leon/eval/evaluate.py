@@ -71,8 +71,10 @@ def preflight(cfg: DictConfig) -> dict:
         _check_clip("eval.rerank", ev.rerank)
     _check_clip("eval.clip_score", ev.clip_score)
     from cm3leon.generation.pipeline import check_checkpoint
+    from cm3leon.lit.checks import warn_eval_world_clip
 
     check_checkpoint(cfg.ckpt)
+    warn_eval_world_clip(ev)  # the world's tiny CLIP on other prompts: its scores mean nothing
     return out
 
 

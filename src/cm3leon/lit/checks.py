@@ -13,8 +13,7 @@ import warnings
 from collections.abc import Mapping
 
 from cm3leon.errors import UsageError
-
-WORLD_CLIP = "world-tiny-clip"  # open_clip name of the embedded world's tiny CLIP (cm3leon.retrieval.tiny_clip)
+from cm3leon.retrieval.tiny_clip import TINY_CLIP as WORLD_CLIP
 
 
 class WorldModelWarning(UserWarning):
