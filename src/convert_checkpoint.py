@@ -16,7 +16,7 @@ from cm3leon.cli import hydra_entry
 
 @hydra_entry("convert_checkpoint", __file__)
 def main(cfg: DictConfig) -> None:
-    from cm3leon.lit.safe_load import convert_checkpoint
+    from cm3leon.safe_load import convert_checkpoint
 
     print(f"wrote {convert_checkpoint(cfg.src, cfg.dst)} (loads with weights_only=True)")
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 from omegaconf import DictConfig
 
@@ -56,14 +55,9 @@ def train(cfg: DictConfig) -> dict:
     trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, accumulate_grad_batches=accumulation(cfg)
     )
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
+    from cm3leon.lit import preemption
 
-    from cm3leon.lit.preemption import exit_code
-
-    try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-    except SIGTERMException:  # Lightning's SystemExit(0) after SIGTERM/SIGUSR1: not a success
-        sys.exit(exit_code(trainer))
+    preemption.fit(trainer, module, datamodule, cfg.ckpt_path)  # preempted: exits 128 + signal
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "train/"))}
     summary = {"run_dir": cfg.paths.output_dir, "global_step": trainer.global_step, **metrics}
     if trainer.is_global_zero:

@@ -38,6 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cm3leon.cli import hydra_entry
 from cm3leon.errors import UsageError
+from cm3leon.lit import preemption
 from cm3leon.lit.checks import check_caption_checker, check_max_steps
 from cm3leon.tokenizers.image_tokenizer import read_vq_state_dict, save_vqgan
 
@@ -69,7 +70,7 @@ def train(cfg: DictConfig) -> dict:
     # `logger=csv` leaves this config's `logger.wandb.name` behind without a _target_: not a logger
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values() if "_target_" in c]
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path)
+    preemption.fit(trainer, module, dm, cfg.ckpt_path, script="src/train_tokenizer.py")  # preempted: exit 128+signal
 
     metrics = {k: round(float(v), 5) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "train/"))}
     if cfg.export_to:

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cm3leon.lit.safe_load import load_weights_only
+from cm3leon.safe_load import load_weights_only
 from cm3leon.tokenizers.image_processing import to_pil, to_rgb
 from cm3leon.utils import file_sha256
 

@@ -74,8 +74,8 @@ def load_lm(ckpt: str | Path) -> tuple[CM3LeonLM, Vocab, dict]:
 
     Read with torch.load(weights_only=True) (a file that would run code is refused, one line) and
     built from the hyperparameters the LightningModule saved (`model`, `vocab`, `data_meta`)."""
-    from cm3leon.lit.safe_load import load_weights_only
     from cm3leon.model import ModelConfig
+    from cm3leon.safe_load import load_weights_only
 
     path = check_checkpoint(ckpt)
     container = load_weights_only(path, "checkpoint")
@@ -118,7 +118,7 @@ def check_codebook(image_tokenizer, vocab: Vocab, path: str | Path = "") -> None
 def checkpoint_meta(ckpt: str | Path) -> dict:
     """The data meta a training checkpoint records (tokenizers, retrieval), without reading its
     weights into memory (memory-mapped, weights_only load)."""
-    from cm3leon.lit.safe_load import load_weights_only
+    from cm3leon.safe_load import load_weights_only
 
     container = load_weights_only(check_checkpoint(ckpt), "checkpoint", mmap=True)
     return dict((container.get("hyper_parameters") or {}).get("data_meta") or {})

@@ -21,7 +21,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from cm3leon.errors import UsageError
-from cm3leon.lit.safe_load import load_weights_only
+from cm3leon.safe_load import load_weights_only
 from cm3leon.utils import atomic_path
 
 

@@ -21,8 +21,8 @@ from torchmetrics import Metric, SumMetric
 
 from cm3leon.data.sequences import IGNORE_INDEX
 from cm3leon.errors import UsageError
-from cm3leon.lit.safe_load import to_plain
 from cm3leon.model import CM3LeonLM, ModelConfig
+from cm3leon.safe_load import to_plain
 from cm3leon.vocab import Vocab
 
 

@@ -95,7 +95,7 @@ def checkpoint_dir(trainer) -> Path:
     return Path(trainer.default_root_dir) / "checkpoints"
 
 
-def exit_code(trainer) -> int:
+def exit_code(trainer, script: str = "src/train.py") -> int:
     """After `trainer.fit` raised SIGTERMException: print one line saying what was saved and how
     to resume (rank 0), and return the exit code (128 + the signal, as a shell reports it)."""
     preemption = next((c for c in trainer.callbacks if isinstance(c, Preemption)), None)
@@ -109,7 +109,18 @@ def exit_code(trainer) -> int:
             what = f"saved {preemption.saved}" + (" and requeued the job" if preemption.requeued else "")
         print(
             f"preempted by {name} at step {trainer.global_step}: {what}; "
-            f"resume with `python src/train.py hydra.run.dir={run} ckpt_path=last` (same overrides)",
+            f"resume with `python {script} hydra.run.dir={run} ckpt_path=last` (same overrides)",
             file=sys.stderr,
         )
     return 128 + int(signum)
+
+
+def fit(trainer, module, datamodule=None, ckpt_path=None, script: str = "src/train.py") -> None:
+    """`trainer.fit`, where a preemption (Lightning's SystemExit(0) after SIGTERM/SIGUSR1) is not a
+    success: the process exits with 128 + the signal after one line saying how to resume."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException:
+        sys.exit(exit_code(trainer, script))

@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cm3leon.lit.safe_load import refusal
 from cm3leon.retrieval.tiny_clip import TINY_CLIP, register_tiny_clip
+from cm3leon.safe_load import refusal
 from cm3leon.tokenizers.image_processing import ImageLike, to_pil, to_rgb
 
 # the shipped world CLIP, relative to the working directory (the checkout, where `make` runs); the

@@ -68,7 +68,7 @@ def _load_container(path: Path) -> dict[str, Any]:
         from safetensors.torch import load_file
 
         return load_file(str(path), device="cpu")
-    from cm3leon.lit.safe_load import load_weights_only
+    from cm3leon.safe_load import load_weights_only
 
     return load_weights_only(path, "image tokenizer")
 
