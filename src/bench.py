@@ -6,7 +6,8 @@
 
 Sections: vq (VQGAN encode images/s, tiny and paper256), token_read (training stream vs plain
 webdataset decode), train (one forward+backward vs Hugging Face OPT, same dims), retrieval
-(approximate vs exact FAISS search), generate (KV-cached sampler vs Hugging Face generate).
+(approximate vs exact FAISS search), generate (KV-cached sampler vs Hugging Face generate), data_path
+(paper-shaped sequences/s one worker core builds vs what one GPU consumes).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ SECTIONS = {
     "train": ("cm3leon.bench.train_step", "bench_train_step", True),
     "retrieval": ("cm3leon.bench.retrieval", "bench_retrieval", False),
     "generate": ("cm3leon.bench.generate", "bench_generate", True),
+    "data_path": ("cm3leon.bench.data_path", "bench_data_path", False),
 }
 
 

@@ -26,15 +26,16 @@ from omegaconf import DictConfig
 
 from cm3leon.cli import hydra_entry
 from cm3leon.lit.checks import check_max_steps
-from cm3leon.lit.recipe import accumulation, dry_run
+from cm3leon.lit.recipe import accumulation, dry_run, max_steps
 
 # Lightning and torch are imported inside train(), so that a dry run answers in seconds.
 
 
 def train(cfg: DictConfig) -> dict:
     """Fit the composed run; returns the last metrics with the run folder and step."""
+    steps = max_steps(cfg)  # trainer.max_steps, else ceil(token_budget / global_batch_tokens)
     if not cfg.trainer.get("fast_dev_run"):
-        check_max_steps(cfg.trainer.get("max_steps"))  # the stream is endless: only max_steps ends the run
+        check_max_steps(steps)  # the stream is endless: only max_steps ends the run
     if not cfg.data.embedded_world:  # the user's token shards: missing ones stop here, before Lightning loads
         from pathlib import Path
 
@@ -53,7 +54,11 @@ def train(cfg: DictConfig) -> dict:
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
     trainer = hydra.utils.instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, accumulate_grad_batches=accumulation(cfg)
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers or False,
+        accumulate_grad_batches=accumulation(cfg),
+        max_steps=-1 if steps is None else steps,
     )
     from cm3leon.lit import preemption
 

@@ -216,6 +216,17 @@ def _make_norm(cfg: ModelConfig) -> nn.Module:
     return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps, elementwise_affine=False)
 
 
+def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Block-diagonal causal attention of packed rows: doc_ids [B, T] -> bool [B, 1, T, T], True
+    where query t may see key s (same example, s <= t). The diagonal is always True, so no row is
+    fully masked (padding, with an id of its own, sees itself and the padding before it)."""
+    if doc_ids.dim() != 2:
+        raise ValueError(f"doc_ids must have shape [B, T], got {tuple(doc_ids.shape)}")
+    T = doc_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    return ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal)[:, None]
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -329,11 +340,16 @@ class CM3LeonLM(nn.Module):
         cache: KVCache | None = None,
         *,
         last_only: bool = False,
+        doc_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """idx [B, T] long -> logits [B, T, V] ([B, 1, V] with last_only: the last position only).
 
         Without a cache: a causal forward over idx; input_pos gives the position ids, [T] shared
         by the batch or [B, T] per row (default 0..T-1).
+        Packed rows (`cm3leon.data.packing`): doc_ids [B, T] int names the example each position
+        belongs to (padding an id of its own); attention is then block-diagonal causal (a query
+        sees the keys of its own example at positions <= its own), and input_pos [B, T] should
+        restart at 0 per example. Each example then gets exactly the logits it gets alone.
         With a cache: input_pos [T] are the cache slots the tokens are written to (shared by the
         batch); each query attends to the cached slots <= its own. The position ids are the slots,
         or, when the cache holds left-padded rows, the slots minus each row's offset
@@ -341,13 +357,15 @@ class CM3LeonLM(nn.Module):
         """
         B, T = idx.shape
         if cache is None:
-            mask = None
+            mask = None if doc_ids is None else document_mask(doc_ids)
             pos = torch.arange(T, device=idx.device) if input_pos is None else input_pos
             if pos.shape not in ((T,), (B, T)):
                 raise ValueError(f"input_pos must have shape [{T}] or [{B}, {T}], got {tuple(pos.shape)}")
             if self.config.max_seq_len < T:
                 raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.config.max_seq_len}")
         else:
+            if doc_ids is not None:
+                raise ValueError("doc_ids (packed rows) is for training forwards, not with a KV cache")
             if input_pos is None or input_pos.shape != (T,):
                 raise ValueError(f"with a cache, pass input_pos of shape [{T}] (the cache slots of idx)")
             mask = cache.attn_mask(input_pos)
@@ -361,7 +379,7 @@ class CM3LeonLM(nn.Module):
         ckpt = self.config.activation_checkpointing and self.training and cache is None
         for i, block in enumerate(self.blocks):
             if ckpt:
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, None, None, i, mask, use_reentrant=False)
             else:
                 x = block(x, input_pos, cache, i, mask)
         if last_only:

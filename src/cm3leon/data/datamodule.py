@@ -12,7 +12,10 @@ image -> caption with probability `image_to_text_rate`), `retrieval.k` retrieved
 before it when retrieval is on (the training `DocumentSource`, asked by the sample's key), the
 sequence is laid out and fitted to `seq_len` (`sequences.py`), and the CM3 transform is applied
 (`objective.py`). Batches are right-padded to their longest sequence; targets are the inputs
-shifted by one with no-loss positions set to -100.
+shifted by one with no-loss positions set to -100. With `packing` the batch's examples are instead
+packed whole into rows of `seq_len` (`packing.py`): the batch carries `positions` (restarting per
+example) and `doc_ids` (document-aware attention), and no target crosses from one example into the
+next. The stream is the same either way (a batch is `micro_batch_size` examples), so resume is too.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from cm3leon.data.packing import pack_examples
 from cm3leon.data.raw_shards import list_shards
 from cm3leon.data.sequences import IGNORE_INDEX, Document, build_sequence, pad_batch
 from cm3leon.data.token_shards import TokenSample, decode_sample, load_token_vocab
@@ -57,6 +61,8 @@ class CM3DataModule(L.LightningDataModule):
             Otherwise the token shards must exist (checked here: one line naming the folder).
         world: the world to generate (`cm3leon.data.world.WorldConfig` fields; out_dir required).
         shipped_dir: the folder of the world's tokenizers (world_vqgan.ckpt, world_bpe.json).
+        packing: pack each batch's `micro_batch_size` examples whole into as few rows of `seq_len`
+            tokens as first-fit allows (`cm3leon.data.packing`), instead of one padded row each.
     """
 
     def __init__(
@@ -75,6 +81,7 @@ class CM3DataModule(L.LightningDataModule):
         embedded_world: bool = False,
         world: Mapping | None = None,
         shipped_dir: str | None = None,
+        packing: bool = False,
     ):
         super().__init__()
         self.tokens_dir = Path(tokens_dir)
@@ -94,6 +101,7 @@ class CM3DataModule(L.LightningDataModule):
         self.embedded_world = bool(embedded_world)
         self.world = dict(world or {})
         self.shipped_dir = shipped_dir
+        self.packing = bool(packing)
         if self.embedded_world and not (self.world.get("out_dir") and shipped_dir):
             raise UsageError(
                 "data.embedded_world=true needs data.world.out_dir and data.shipped_dir (conf/data/world.yaml)"
@@ -178,16 +186,24 @@ class CM3DataModule(L.LightningDataModule):
         return {"ids": ex.ids, "key": sample.key, "n_retrieved": n_kept}
 
     def collate(self, examples: list[dict]) -> dict:
-        """Pad and shift: input_ids [B, T-1], targets [B, T-1] (-100 where no loss)."""
-        ids = torch.from_numpy(pad_batch([e["ids"] for e in examples], PAD_ID))
+        """Pad and shift: input_ids [B, T-1], targets [B, T-1] (-100 where no loss). With packing:
+        input_ids, targets, positions, doc_ids [R, seq_len], R <= B rows of whole examples."""
+        out = {"keys": [e["key"] for e in examples], "n_retrieved": torch.tensor([e["n_retrieved"] for e in examples])}
+        if self.packing:
+            packed = pack_examples([e["ids"] for e in examples], self.seq_len, PAD_ID)
+            ids = torch.from_numpy(packed.ids)
+            keep = torch.from_numpy(packed.target_mask)  # no target from the next example
+            out["positions"] = torch.from_numpy(packed.positions[:, :-1].copy())
+            out["doc_ids"] = torch.from_numpy(packed.doc_ids[:, :-1].copy())
+        else:
+            ids = torch.from_numpy(pad_batch([e["ids"] for e in examples], PAD_ID))
+            keep = None
         inputs, targets = ids[:, :-1], ids[:, 1:].clone()
-        targets[~loss_mask(targets, self.vocab, self.zero_sentinel_loss)] = IGNORE_INDEX
-        return {
-            "input_ids": inputs.contiguous(),
-            "targets": targets,
-            "keys": [e["key"] for e in examples],
-            "n_retrieved": torch.tensor([e["n_retrieved"] for e in examples]),
-        }
+        mask = loss_mask(targets, self.vocab, self.zero_sentinel_loss)
+        targets[~(mask if keep is None else mask & keep)] = IGNORE_INDEX
+        # counted here, on the CPU: the accounting and MFU read it without a device sync
+        n_real = int((targets != IGNORE_INDEX).sum())
+        return {"input_ids": inputs.contiguous(), "targets": targets, "n_real": n_real, **out}
 
     def _loader(self, stream: TokenShardStream, workers: int) -> DataLoader:
         return DataLoader(

@@ -1,9 +1,11 @@
-"""Lightning callbacks of the main job: a data-order log and the batch measures `ThroughputMonitor`
-needs. (Sample grids and image metrics: `cm3leon.eval.callback.SampleCallback`.)"""
+"""Lightning callbacks of the main job: a data-order log, honest token accounting (real = non-pad
+target tokens) and the batch measures `ThroughputMonitor` needs. (Sample grids and image metrics:
+`cm3leon.eval.callback.SampleCallback`.)"""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import lightning as L
@@ -14,9 +16,62 @@ def batch_size_fn(batch: dict) -> int:
     return int(batch["input_ids"].shape[0])
 
 
+IGNORE_INDEX = -100  # cm3leon.data.sequences.IGNORE_INDEX: targets without loss (padding)
+
+
+def real_tokens(batch: dict):
+    """Real tokens of a batch: its targets that carry loss (!= -100). The DataModule counts them on
+    the CPU (`n_real`, an int); otherwise a 0-d tensor (no device sync until it is read)."""
+    return batch["n_real"] if "n_real" in batch else (batch["targets"] != IGNORE_INDEX).sum()
+
+
 def batch_tokens_fn(batch: dict) -> int:
-    """Token positions in a batch, padding included (for ThroughputMonitor: tokens/s)."""
-    return int(batch["input_ids"].numel())
+    """Real (non-pad target) tokens in a batch, for ThroughputMonitor's length_fn: its items/s are real
+    tokens/s. (Its MFU is the module's `flops_per_batch` per second, which must then refer to real
+    tokens too: FLOPs/token x real tokens, not x B x T.)"""
+    return int(real_tokens(batch))
+
+
+class TokenAccounting(L.Callback):
+    """Log, per optimizer step (all micro-batches of the accumulation, all ranks summed):
+    `train/real_tokens` (non-pad targets), `train/pad_fraction` (1 - real / input positions, the
+    positions being `input_ids`' B x T: what the GPUs computed) and `train/real_tokens_per_sec`
+    (real tokens over the wall time since the previous step ended: data loading included)."""
+
+    def __init__(self) -> None:
+        self._real = None  # device tensor: no sync per micro-batch
+        self._positions = 0
+        self._t0: float | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._t0 is None:
+            self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        n = real_tokens(batch)
+        self._real = n if self._real is None else self._real + n
+        self._positions += int(batch["input_ids"].numel())
+        if (batch_idx + 1) % max(1, int(trainer.accumulate_grad_batches)):
+            return  # the optimizer step is not over
+        import torch
+
+        real = self._real.to(torch.float64) if torch.is_tensor(self._real) else torch.tensor(float(self._real))
+        totals = torch.stack([real.double().cpu(), torch.tensor(float(self._positions), dtype=torch.float64)])
+        totals = trainer.strategy.reduce(totals.to(pl_module.device), reduce_op="sum")
+        real, positions = float(totals[0]), float(totals[1])
+        now = time.perf_counter()
+        elapsed = max(now - (self._t0 or now), 1e-9)
+        self._real, self._positions, self._t0 = None, 0, now
+        pl_module.log_dict(
+            {
+                "train/real_tokens": real,
+                "train/pad_fraction": 1.0 - real / max(positions, 1.0),
+                "train/real_tokens_per_sec": real / elapsed,
+            },
+            on_step=True,
+            on_epoch=False,
+            batch_size=int(batch["input_ids"].shape[0]),
+        )
 
 
 class BatchKeysRecorder(L.Callback):

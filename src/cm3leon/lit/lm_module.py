@@ -113,13 +113,18 @@ class CM3LeonLitModule(L.LightningModule):
         # counts of every validation target id: the unigram baseline's loss is their entropy
         self.val_unigram = TokenCounts(vocab.size)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """input_ids [B, T] -> logits [B, T, V]."""
-        return self._compiled(input_ids)
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, V]; packed rows (data.packing) pass their positions and
+        doc_ids [B, T] (document-aware attention, `CM3LeonLM.forward`)."""
+        if doc_ids is None and positions is None:
+            return self._compiled(input_ids)
+        return self._compiled(input_ids, positions, doc_ids=doc_ids)
 
     def _token_losses(self, batch: dict) -> torch.Tensor:
         """Per-target cross-entropy [B, T] (0 where target is -100), computed in fp32."""
-        logits = self(batch["input_ids"])
+        logits = self(batch["input_ids"], batch.get("positions"), batch.get("doc_ids"))
         B, T, V = logits.shape
         return F.cross_entropy(
             logits.float().view(B * T, V), batch["targets"].view(B * T), ignore_index=IGNORE_INDEX, reduction="none"
@@ -130,7 +135,8 @@ class CM3LeonLitModule(L.LightningModule):
         n = (batch["targets"] != IGNORE_INDEX).sum()
         loss = losses.sum() / n.clamp(min=1)
         B, T = batch["input_ids"].shape
-        self.flops_per_batch = self.model.flops_per_token(T) * B * T
+        # MFU counts real tokens only (targets that carry loss; counted on the CPU by the DataModule)
+        self.flops_per_batch = self.model.flops_per_token(T) * int(batch.get("n_real", B * T))
         self.log("train/loss", loss, prog_bar=True, batch_size=B)
         return loss
 
