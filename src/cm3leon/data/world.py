@@ -338,8 +338,9 @@ def generate_world(cfg: WorldConfig, overwrite: bool = False, progress: bool = T
             splits[split] = {"count": n, "shards": names}
         bar = tqdm(total=len(jobs), desc="world", unit="shard", disable=not progress or not jobs)
         if cfg.num_workers > 1 and len(jobs) > 1:
-            # fork is fast and safe here (workers only use numpy/PIL); spawn also works.
-            with get_context("fork").Pool(min(cfg.num_workers, len(jobs))) as pool:
+            # spawn, not fork: a process that already runs threads (torch, tqdm's monitor, a test
+            # session) can deadlock a forked worker on a lock held at fork time (seen once in CI)
+            with get_context("spawn").Pool(min(cfg.num_workers, len(jobs))) as pool:
                 for _ in pool.imap_unordered(_write_world_shard, jobs):
                     bar.update()
         else:
