@@ -87,48 +87,66 @@ def test_datamodule_batches_hold_k_retrieved_paper_documents(paper_tokens):
     assert (n_image >= 3 * 1024 - 1).all(), n_image  # k=2 retrieved images + the query's (last may be shifted off)
 
 
-def test_two_training_steps_on_paper_shaped_data(paper_tokens, tmp_path):
-    run_dir = tmp_path / "run"
+def test_each_paper_recipe_trains_two_steps_on_paper_shaped_data(paper_tokens, tmp_path):
+    """Issue 15: experiment=paper_350m / paper_760m / paper_7b as composed (retrieval k=2, packing
+    split, CM3, the recipe's optimizer and schedule), the model shrunk by override and the cluster
+    trainer put on one CPU: 2 steps each, as one Hydra multirun (one process, jobs in sequence)."""
+    import csv
+
+    sweep = tmp_path / "sweep"
     args = [
-        "model=350m",
+        "-m",
+        "experiment=paper_350m,paper_760m,paper_7b",
         *train_overrides(paper_tokens),
-        "retrieval.k=2",
-        f"hydra.run.dir={run_dir}",
-        "data.micro_batch_size=2",
+        f"hydra.sweep.dir={sweep}",
+        "data.micro_batch_size=1",  # one packed row of 4,096 tokens per step
         "data.num_workers=0",
-        "data.val_max_samples=4",
         "model.n_layer=2",
         "model.d_model=64",
         "model.n_head=2",
         "trainer.max_steps=2",
-        "global_batch_tokens=null",  # else 8M tokens per step = 1,024 micro-batches of 2 x 4,096
+        "global_batch_tokens=null",  # else 8M tokens per step = 2,048 micro-batches of 4,096
         "trainer.accelerator=cpu",
         "trainer.devices=1",
-        "+trainer.limit_val_batches=1",
+        "++trainer.num_nodes=1",
+        "++trainer.strategy=auto",  # FSDP needs GPUs
+        "trainer.precision=32-true",
+        "+trainer.limit_val_batches=0",
+        "trainer.log_every_n_steps=1",
         "logger=csv",
         "callbacks=minimal",
+        "+callbacks.tokens._target_=cm3leon.lit.callbacks.TokenAccounting",
+        "+callbacks.keys._target_=cm3leon.lit.callbacks.BatchKeysRecorder",
         "trainer.enable_progress_bar=false",
     ]
     t0 = time.time()
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "src" / "train.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-        cwd=ROOT,
+        [sys.executable, str(ROOT / "src" / "train.py"), *args], capture_output=True, text=True, timeout=900, env=env
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert summary["global_step"] == 2 and summary["train/loss"] > 0, summary
-    print(f"2-step paper-shaped run: {time.time() - t0:.1f} s")
+    summaries = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"run_dir"')]
+    assert [s["global_step"] for s in summaries] == [2, 2, 2], proc.stdout[-2000:]
+    for job, size in enumerate(("350m", "760m", "7b")):
+        run = sweep / str(job)
+        cfg = (run / ".hydra" / "config.yaml").read_text()
+        assert f"name: {size}" in cfg and "packing: split" in cfg and "poisson_lambda: 1.0" in cfg
+        batches = [json.loads(line) for line in (run / "batch_keys.jsonl").read_text().splitlines()]
+        assert len(batches) == 2 and all(n == 2 for b in batches for n in b["n_retrieved"])  # k=2 kept
+        rows = [r for r in csv.DictReader((run / "csv" / "metrics.csv").open()) if r.get("train/pad_fraction")]
+        assert len(rows) == 2 and all(float(r["train/pad_fraction"]) < 0.05 for r in rows), rows
+    print(f"3 paper recipes x 2 steps: {time.time() - t0:.1f} s")
 
 
-def test_data_path_bench_reports_rates():
+def test_data_path_bench_reports_rates_and_pad_fractions():
     from cm3leon.bench.data_path import bench_data_path
 
     out = bench_data_path(n_train=64, n_seq=16, micro_batch=4)
-    assert out["seq_per_s_per_core"] > 0 and out["seq_per_s_no_retrieval"] > 0
-    assert out["mean_real_tokens"] > 3 * 1024 > out["mean_real_tokens_no_retrieval"]
+    table = out["by_setting"]
+    assert set(table) == {f"k{k}_{m}" for k in (2, 0) for m in ("none", "whole", "split")}
+    assert all(r["seq_per_s"] > 0 for r in table.values())
     assert out["ratio_to_gpu"] == round(out["seq_per_s_per_core"] / out["gpu_seq_per_s"], 2)
+    # one ~3.1k-token example per 4,096 row when kept whole; rows filled to the last token when split
+    assert table["k2_whole"]["pad_fraction"] > 0.2 and table["k2_split"]["pad_fraction"] < 0.01
+    assert table["k0_split"]["pad_fraction"] < 0.01 and table["k2_split"]["mean_row_len"] == 4096
+    assert table["k2_none"]["real_tokens_per_seq"] > 3 * 1024 > table["k0_none"]["real_tokens_per_seq"]

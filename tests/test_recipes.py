@@ -37,9 +37,9 @@ def test_paper_recipe_composes_with_the_papers_settings(name, compose_config):
     assert cfg.token_budget == budget and cfg.trainer.max_steps is None
     assert max_steps(cfg) == math.ceil(budget / (8 * 2**20))
     assert cfg.retrieval.name == "ra" and cfg.retrieval.per_query == 2 and cfg.retrieval.k == 2
-    assert cfg.trainer.precision == "bf16-mixed" and "FSDPStrategy" in cfg.trainer.strategy._target_
-    assert cfg.model.activation_checkpointing is True and cfg.trainer.strategy.activation_checkpointing_policy is None
-    assert cfg.data.embedded_world is False
+    assert cfg.trainer.precision == "bf16-mixed" and "ModelParallelStrategy" in cfg.trainer.strategy._target_
+    assert cfg.model.activation_checkpointing is True
+    assert cfg.data.embedded_world is False and cfg.data.packing == "split"
     # an explicit trainer.max_steps wins over the budget (short trials)
     assert max_steps(compose_config("train", [f"experiment={name}", "trainer.max_steps=2"])) == 2
 
@@ -69,7 +69,18 @@ def test_paper_recipe_dry_run_accounts_for_real_tokens(name, compose_config):
     assert out["real_tokens_source"].startswith("paper shapes")
     # paper shapes, k=2: </s> (T <break> I <break>) x 2, Tq <break> Iq </s> = 1 + 2 x 1,046 + 1,045 + 1 ids
     assert out["real_tokens_per_sequence"] == 1 + 2 * 1046 + 1045 + 1 - 1
-    assert out["real_tokens_per_step"] == 2048 * out["real_tokens_per_sequence"] < out["tokens_per_step"]
+    # packing split: one target lost per piece boundary (~1.3 pieces per row), nothing else
+    assert out["packing"] == "split" and 0 < out["pad_fraction"] < 0.001
+    assert out["real_tokens_per_step"] == pytest.approx(2048 * 4096 * (1 - out["pad_fraction"]), rel=1e-4)
+
+
+@pytest.mark.parametrize("packing,low,high", [("none", 0.23, 0.24), ("whole", 0.23, 0.24), ("split", 0, 0.001)])
+def test_dry_run_pad_fraction_per_packing_mode(packing, low, high, compose_config):
+    """k=2 at paper shapes: one ~3.1k-token example per row unless examples are cut at row ends."""
+    from cm3leon.lit.recipe import dry_run
+
+    out = dry_run(compose_config("train", ["experiment=paper_350m", NO_DATA, f"data.packing={packing}"]))
+    assert low <= out["pad_fraction"] < high and out["packing"] == packing
 
 
 def test_dry_run_budget_with_k3_drops_one_document(compose_config):
@@ -157,7 +168,7 @@ def test_token_budget_sets_max_steps_and_training_logs_real_tokens(tiny_tokens, 
         assert 0 < real <= 2 * 4 * 511 and 0 <= pad < 1 and float(r["train/real_tokens_per_sec"]) > 0
 
 
-@pytest.mark.parametrize("packing", [False, True])
+@pytest.mark.parametrize("packing", ["none", "whole", "split"])
 def test_dry_run_reads_real_tokens_from_token_shards(tiny_tokens, compose_config, packing):
     from cm3leon.lit.recipe import dry_run
 
@@ -165,6 +176,6 @@ def test_dry_run_reads_real_tokens_from_token_shards(tiny_tokens, compose_config
         "train", ["data=shutterstock", f"data.tokens_dir={tiny_tokens}", "model=tiny", f"data.packing={packing}"]
     )
     out = dry_run(cfg)
-    assert out["real_tokens_source"].startswith("token shards") and out["packing"] is packing
+    assert out["real_tokens_source"].startswith("token shards") and out["packing"] == packing
     assert 0 < out["real_tokens_per_sequence"] < cfg.data.seq_len
     assert 0 < out["real_tokens_per_step"] <= out["tokens_per_step"]

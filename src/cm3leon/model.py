@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
@@ -37,7 +37,11 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from cm3leon.errors import UsageError
+from cm3leon.loss import fused_linear_cross_entropy
 from cm3leon.vocab import Vocab
+
+if TYPE_CHECKING:  # imported lazily at run time (~0.8 s), only when attn_impl="flex" is used
+    from torch.nn.attention.flex_attention import BlockMask
 
 # The sizes (the paper's 350m / 760m / 7b, PAPER.md section 2, and a CPU-sized tiny) are
 # conf/model/<size>.yaml: only what differs from these defaults, on top of this dataclass as the
@@ -46,7 +50,7 @@ from cm3leon.vocab import Vocab
 _NORMS = ("layernorm_noaffine", "layernorm", "rmsnorm")
 _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
 _POS_EMBS = ("learned", "none")
-_ATTN_IMPLS = ("sdpa", "math")
+_ATTN_IMPLS = ("auto", "sdpa", "math", "flex")
 
 
 def _paper_vocab_size() -> int:
@@ -78,7 +82,12 @@ class ModelConfig:
     zero_init_residual_out: bool = True  # attention out-proj and FFN fc2 start at 0
     tie_embeddings: bool = True
     embed_scale: float = 1.0  # token embeddings are multiplied by this (1.0: no scaling)
-    attn_impl: str = "sdpa"  # "sdpa" (F.scaled_dot_product_attention) or "math" (reference)
+    # "sdpa" (F.scaled_dot_product_attention; flash kernels for plain causal rows), "math"
+    # (reference), "flex" (FlexAttention for training forwards, compiled on CUDA: packed rows skip
+    # the cross-example blocks; no attention dropout; CPU: forward only; decoding with a KV cache
+    # goes through SDPA) or "auto": flex for packed rows (doc_ids) on CUDA without attention
+    # dropout, sdpa otherwise
+    attn_impl: str = "auto"
     activation_checkpointing: bool = False  # recompute each block in backward
 
     def __post_init__(self) -> None:
@@ -227,6 +236,49 @@ def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
     return ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal)[:, None]
 
 
+def document_block_mask(doc_ids: torch.Tensor | None, T: int, device: torch.device | str) -> BlockMask:
+    """The FlexAttention form of `document_mask`: a BlockMask on `device` for [B, H, T, T] scores
+    (B = 1 and broadcast when doc_ids is None: plain causal). mask_mod(b, h, q, kv) = same example
+    and kv <= q.
+
+    Built once per forward (CM3LeonLM.forward) and shared by every layer: it costs a pass over
+    all T x T pairs (like the dense mask), while each layer's attention then visits only the
+    128 x 128 blocks it marks as (partly) visible. Any T works: the last block is partial.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    if doc_ids is None:
+
+        def mask_mod(b, h, q, kv):
+            return kv <= q
+
+        return create_block_mask(mask_mod, None, None, T, T, device=device)
+    if doc_ids.dim() != 2 or doc_ids.shape[1] != T:
+        raise ValueError(f"doc_ids must have shape [B, {T}], got {tuple(doc_ids.shape)}")
+
+    def doc_mask_mod(b, h, q, kv):
+        return (doc_ids[b, q] == doc_ids[b, kv]) & (kv <= q)
+
+    return create_block_mask(doc_mask_mod, doc_ids.shape[0], None, T, T, device=device)
+
+
+_compiled_flex_attention = None  # torch.compile(flex_attention), made on first CUDA use
+
+
+def _flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask) -> torch.Tensor:
+    """q, k, v [B, H, T, hd] -> [B, H, T, hd]. On CUDA the compiled (fused Triton) kernel, compiled
+    once per process; elsewhere eager flex_attention, which materialises the scores and, on CPU
+    (torch 2.14), has no backward: a reference for tests, not for training."""
+    global _compiled_flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if q.device.type != "cuda":
+        return flex_attention(q, k, v, block_mask=block_mask)
+    if _compiled_flex_attention is None:
+        _compiled_flex_attention = torch.compile(flex_attention)
+    return _compiled_flex_attention(q, k, v, block_mask=block_mask)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -241,8 +293,10 @@ class CausalSelfAttention(nn.Module):
         input_pos: torch.Tensor | None = None,
         cache: KVCache | None = None,
         layer: int = 0,
-        mask: torch.Tensor | None = None,
+        mask: torch.Tensor | BlockMask | None = None,
     ):
+        """x [B, T, C] -> [B, T, C]. mask: None (causal), a tensor (bool or additive, [T, S] or
+        [B, 1, T, S]) or, with attn_impl="flex" and no cache, a BlockMask (`document_block_mask`)."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         # [B, T, C] -> [B, H, T, hd]
@@ -251,7 +305,9 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.update(layer, input_pos, k, v)  # [B, H, max_len, hd]
             k, v = k.to(q.dtype), v.to(q.dtype)
         dropout_p = self.attn_dropout if self.training else 0.0
-        if self.impl == "sdpa":
+        if mask is not None and not isinstance(mask, torch.Tensor):  # a BlockMask: flex training forward
+            y = _flex_attention(q, k, v, mask)  # no dropout (refused in CM3LeonLM.forward)
+        elif self.impl != "math":  # sdpa; auto and flex decode (tensor masks from the KV cache) with SDPA
             if mask is None:
                 y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
             else:
@@ -341,8 +397,16 @@ class CM3LeonLM(nn.Module):
         *,
         last_only: bool = False,
         doc_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        targets: torch.Tensor | None = None,
+        loss_chunk: int = 8192,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """idx [B, T] long -> logits [B, T, V] ([B, 1, V] with last_only: the last position only).
+
+        With targets [B, T] (training and validation; -100: no loss): no logits are returned or
+        kept; the output head and the cross-entropy run together, `loss_chunk` tokens at a time
+        (`cm3leon.loss.fused_linear_cross_entropy`), -> (sum of the losses: a scalar with
+        gradients, per-token fp32 losses [B, T]). Inside this forward, so that a sharded (FSDP)
+        head is gathered while it runs.
 
         Without a cache: a causal forward over idx; input_pos gives the position ids, [T] shared
         by the batch or [B, T] per row (default 0..T-1).
@@ -350,6 +414,9 @@ class CM3LeonLM(nn.Module):
         belongs to (padding an id of its own); attention is then block-diagonal causal (a query
         sees the keys of its own example at positions <= its own), and input_pos [B, T] should
         restart at 0 per example. Each example then gets exactly the logits it gets alone.
+        The mask is built once here and passed to every block: a dense bool [B, 1, T, T]
+        (`document_mask`), or with attn_impl="flex" a BlockMask (`document_block_mask`, also for
+        plain causal rows).
         With a cache: input_pos [T] are the cache slots the tokens are written to (shared by the
         batch); each query attends to the cached slots <= its own. The position ids are the slots,
         or, when the cache holds left-padded rows, the slots minus each row's offset
@@ -357,12 +424,21 @@ class CM3LeonLM(nn.Module):
         """
         B, T = idx.shape
         if cache is None:
-            mask = None if doc_ids is None else document_mask(doc_ids)
             pos = torch.arange(T, device=idx.device) if input_pos is None else input_pos
             if pos.shape not in ((T,), (B, T)):
                 raise ValueError(f"input_pos must have shape [{T}] or [{B}, {T}], got {tuple(pos.shape)}")
             if self.config.max_seq_len < T:
                 raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.config.max_seq_len}")
+            impl = self.config.attn_impl
+            if impl == "auto":
+                no_dropout = not (self.training and self.config.dropout > 0)
+                impl = "flex" if doc_ids is not None and idx.is_cuda and no_dropout else "sdpa"
+            if impl == "flex":
+                if self.training and self.config.dropout > 0:
+                    raise ValueError("attn_impl=flex has no attention dropout; set dropout=0 or attn_impl=sdpa")
+                mask = document_block_mask(doc_ids, T, idx.device)  # once, for every layer
+            else:
+                mask = None if doc_ids is None else document_mask(doc_ids)
         else:
             if doc_ids is not None:
                 raise ValueError("doc_ids (packed rows) is for training forwards, not with a KV cache")
@@ -382,6 +458,8 @@ class CM3LeonLM(nn.Module):
                 x = checkpoint(block, x, None, None, i, mask, use_reentrant=False)
             else:
                 x = block(x, input_pos, cache, i, mask)
+        if targets is not None:
+            return fused_linear_cross_entropy(self.ln_f(x), self.lm_head.weight, targets, loss_chunk)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.ln_f(x))  # [B, T, V]

@@ -42,11 +42,21 @@ def refusal(path: str | Path, what: str, error: BaseException, fix: str | None =
     )
 
 
+def refuse_sharded(path: Path, what: str = "checkpoint") -> None:
+    """A sharded checkpoint folder (trainer=fsdp2) where one file is needed: one line with the fix."""
+    if (path / ".metadata").is_file():
+        raise UsageError(
+            f"{what} {path} is a sharded checkpoint folder (trainer=fsdp2): write full weights first with "
+            f"python src/convert_checkpoint.py src={path} dst=FILE.ckpt"
+        )
+
+
 def load_weights_only(
     path: str | Path, what: str = "file", fix: str | None = None, map_location: Any = "cpu", mmap: bool = False
 ) -> Any:
     """`torch.load(path, weights_only=True)`; a file that needs more is refused (UsageError, one line)."""
     path = Path(path)
+    refuse_sharded(path, what)
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
@@ -88,17 +98,42 @@ def to_plain(obj: Any, where: str = "checkpoint") -> Any:
     raise UsageError(f"{where} holds a {type(obj).__module__}.{type(obj).__qualname__}: no plain form is known")
 
 
+def load_sharded_checkpoint(folder: Path) -> dict:
+    """A sharded checkpoint folder (trainer=fsdp2: torch.distributed.checkpoint shards + Lightning's
+    meta.pt) as one Lightning checkpoint dict with full tensors, on the CPU, in one process."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    if not (folder / ".metadata").is_file():
+        raise UsageError(f"src={folder} is a folder but not a sharded checkpoint (no .metadata): pass a checkpoint")
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(folder, Path(tmp) / "full.pt")
+        state = torch.load(Path(tmp) / "full.pt", map_location="cpu", weights_only=False)
+    checkpoint = (
+        torch.load(folder / "meta.pt", map_location="cpu", weights_only=False) if (folder / "meta.pt").is_file() else {}
+    )
+    checkpoint["state_dict"] = state["state_dict"]
+    checkpoint["optimizer_states"] = [state[k] for k in sorted(state) if k.startswith("optimizer_")]
+    return checkpoint
+
+
 def convert_checkpoint(src: str | Path, dst: str | Path) -> Path:
-    """Re-save a TRUSTED torch file (fully unpickled: it may run code) as tensors and plain
-    containers, written atomically; the result is checked to load with weights_only=True."""
+    """Re-save a TRUSTED torch file (fully unpickled: it may run code), or a sharded checkpoint
+    folder (trainer=fsdp2) as one file of full weights, as tensors and plain containers, written
+    atomically; the result is checked to load with weights_only=True."""
     from cm3leon.utils import atomic_path
 
     src, dst = Path(src).expanduser(), Path(dst).expanduser()
-    if not src.is_file():
+    if not (src.is_file() or src.is_dir()):
         raise UsageError(f"src={src} not found: pass the checkpoint to convert")
     if dst.resolve() == src.resolve():
         raise UsageError(f"dst={dst} is the source file: pass a new path")
-    plain = to_plain(torch.load(src, map_location="cpu", weights_only=False), src.name)
+    if src.is_dir():
+        checkpoint = load_sharded_checkpoint(src)
+    else:
+        checkpoint = torch.load(src, map_location="cpu", weights_only=False)
+    plain = to_plain(checkpoint, src.name)
     with atomic_path(dst) as tmp:
         torch.save(plain, tmp)
         load_weights_only(tmp, "converted file")  # the promise: it now loads without code

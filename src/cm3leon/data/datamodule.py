@@ -11,11 +11,12 @@ Per example (in the DataLoader worker): a token sample becomes a document (capti
 image -> caption with probability `image_to_text_rate`), `retrieval.k` retrieved documents are put
 before it when retrieval is on (the training `DocumentSource`, asked by the sample's key), the
 sequence is laid out and fitted to `seq_len` (`sequences.py`), and the CM3 transform is applied
-(`objective.py`). Batches are right-padded to their longest sequence; targets are the inputs
-shifted by one with no-loss positions set to -100. With `packing` the batch's examples are instead
-packed whole into rows of `seq_len` (`packing.py`): the batch carries `positions` (restarting per
-example) and `doc_ids` (document-aware attention), and no target crosses from one example into the
-next. The stream is the same either way (a batch is `micro_batch_size` examples), so resume is too.
+(`objective.py`). Without packing a batch is `micro_batch_size` examples right-padded to the longest;
+targets are the inputs shifted by one with no-loss positions set to -100. With `packing` (whole or
+split, `packing.py`) a batch is `micro_batch_size` rows of exactly `seq_len` inputs filled from the
+example stream: it carries `positions` (restarting per piece) and `doc_ids` (document-aware
+attention), and no target crosses from one piece into the next. Validation packs whole examples
+(each gets exactly its unpacked loss). Resume is exact either way (`state_dict`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from cm3leon.data.packing import pack_examples
+from cm3leon.data.packing import Row, RowPacker, packing_mode, stack_rows
 from cm3leon.data.raw_shards import list_shards
 from cm3leon.data.sequences import IGNORE_INDEX, Document, build_sequence, pad_batch
 from cm3leon.data.token_shards import TokenSample, decode_sample, load_token_vocab
@@ -61,8 +62,10 @@ class CM3DataModule(L.LightningDataModule):
             Otherwise the token shards must exist (checked here: one line naming the folder).
         world: the world to generate (`cm3leon.data.world.WorldConfig` fields; out_dir required).
         shipped_dir: the folder of the world's tokenizers (world_vqgan.ckpt, world_bpe.json).
-        packing: pack each batch's `micro_batch_size` examples whole into as few rows of `seq_len`
-            tokens as first-fit allows (`cm3leon.data.packing`), instead of one padded row each.
+        packing: none (one padded row per example), whole (examples packed whole into rows of
+            `seq_len`, the rest of a row padded) or split (rows filled, examples cut at row ends and
+            continued in the next row): `cm3leon.data.packing`. With packing, `micro_batch_size`
+            counts rows.
     """
 
     def __init__(
@@ -81,7 +84,7 @@ class CM3DataModule(L.LightningDataModule):
         embedded_world: bool = False,
         world: Mapping | None = None,
         shipped_dir: str | None = None,
-        packing: bool = False,
+        packing: bool | str = "none",
     ):
         super().__init__()
         self.tokens_dir = Path(tokens_dir)
@@ -101,13 +104,18 @@ class CM3DataModule(L.LightningDataModule):
         self.embedded_world = bool(embedded_world)
         self.world = dict(world or {})
         self.shipped_dir = shipped_dir
-        self.packing = bool(packing)
+        self.packing = packing_mode(packing)
         if self.embedded_world and not (self.world.get("out_dir") and shipped_dir):
             raise UsageError(
                 "data.embedded_world=true needs data.world.out_dir and data.shipped_dir (conf/data/world.yaml)"
             )
         self.neighbours: DocumentSource | None = None  # opened in setup when retrieval is on
         self._start_batch = 0
+        # packing: the stream position of every role after the consumed batches (resume), and the
+        # positions of recent batches, by global batch index, until a checkpoint needs them
+        self._start_positions: dict[int, dict[int, tuple[int, int]]] = {}
+        self._recent_positions: dict[int, tuple[int, int, int]] = {}
+        self._next_batch = 0
         self.vocab: Vocab | None = None
         self.meta: dict | None = None
         if not self.embedded_world:
@@ -185,25 +193,33 @@ class CM3DataModule(L.LightningDataModule):
         ex = cm3_transform(ids, self.vocab, rng, seq_len=self.seq_len, **self.transform_kwargs)
         return {"ids": ex.ids, "key": sample.key, "n_retrieved": n_kept}
 
-    def collate(self, examples: list[dict]) -> dict:
-        """Pad and shift: input_ids [B, T-1], targets [B, T-1] (-100 where no loss). With packing:
-        input_ids, targets, positions, doc_ids [R, seq_len], R <= B rows of whole examples."""
-        out = {"keys": [e["key"] for e in examples], "n_retrieved": torch.tensor([e["n_retrieved"] for e in examples])}
-        if self.packing:
-            packed = pack_examples([e["ids"] for e in examples], self.seq_len, PAD_ID)
+    def collate(self, items: list) -> dict:
+        """Examples -> pad and shift: input_ids, targets [B, T] (T = longest - 1; -100 where no loss).
+        Packed Rows -> input_ids, targets, positions, doc_ids [B, seq_len], and `stream_pos`."""
+        if items and isinstance(items[0], Row):
+            packed = stack_rows(items)
             ids = torch.from_numpy(packed.ids)
-            keep = torch.from_numpy(packed.target_mask)  # no target from the next example
-            out["positions"] = torch.from_numpy(packed.positions[:, :-1].copy())
-            out["doc_ids"] = torch.from_numpy(packed.doc_ids[:, :-1].copy())
+            keep = torch.from_numpy(packed.target_mask)  # no target from the next piece
+            out = {
+                "keys": [k for r in items for k in r.keys],
+                "n_retrieved": torch.tensor([n for r in items for n in r.n_retrieved]),
+                "positions": torch.from_numpy(packed.positions[:, :-1].copy()),
+                "doc_ids": torch.from_numpy(packed.doc_ids[:, :-1].copy()),
+                "stream_pos": items[-1].stream_pos,  # (role, samples packed, offset): one worker's rows
+            }
         else:
-            ids = torch.from_numpy(pad_batch([e["ids"] for e in examples], PAD_ID))
+            ids = torch.from_numpy(pad_batch([e["ids"] for e in items], PAD_ID))
             keep = None
+            out = {"keys": [e["key"] for e in items], "n_retrieved": torch.tensor([e["n_retrieved"] for e in items])}
         inputs, targets = ids[:, :-1], ids[:, 1:].clone()
         mask = loss_mask(targets, self.vocab, self.zero_sentinel_loss)
         targets[~(mask if keep is None else mask & keep)] = IGNORE_INDEX
         # counted here, on the CPU: the accounting and MFU read it without a device sync
         n_real = int((targets != IGNORE_INDEX).sum())
         return {"input_ids": inputs.contiguous(), "targets": targets, "n_real": n_real, **out}
+
+    def _packer(self, split: bool) -> RowPacker | None:
+        return None if self.packing == "none" else RowPacker(self.seq_len, PAD_ID, split=split)
 
     def _loader(self, stream: TokenShardStream, workers: int) -> DataLoader:
         return DataLoader(
@@ -217,15 +233,28 @@ class CM3DataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         stream = TokenShardStream(
-            self.train_shards, self.make_example, seed=self.seed, train=True, batch_size=self.micro_batch_size
+            self.train_shards,
+            self.make_example,
+            seed=self.seed,
+            train=True,
+            batch_size=self.micro_batch_size,
+            packer=self._packer(split=self.packing == "split"),
         )
-        stream.start_batch = self._start_batch
+        stream.start_batch = self._next_batch = self._start_batch
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        stream.start_positions = self._start_positions.get(rank, {})
         return self._loader(stream, self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
-        stream = TokenShardStream(self.val_shards, self.make_example, seed=self.seed + 1, train=False)
-        if self.val_max_samples is not None:
-            stream = _Limited(stream, self.val_max_samples)
+        # whole examples when packing: each gets exactly its unpacked loss
+        stream = TokenShardStream(
+            self.val_shards,
+            self.make_example,
+            seed=self.seed + 1,
+            train=False,
+            packer=self._packer(split=False),
+            limit=self.val_max_samples,
+        )
         # one worker keeps the validation order fixed and the sample cap exact
         return self._loader(stream, min(self.num_workers, 1))
 
@@ -239,12 +268,45 @@ class CM3DataModule(L.LightningDataModule):
         return out
 
     # ---- resume --------------------------------------------------------------------------
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """Record where each packed training batch leaves its role's stream (a checkpoint needs it)."""
+        if isinstance(batch, dict) and "stream_pos" in batch:
+            role, start, offset = batch.pop("stream_pos")
+            if self.trainer is not None and self.trainer.training:
+                self._recent_positions[self._next_batch] = (int(role), int(start), int(offset))
+                self._next_batch += 1
+                keep = self._next_batch - 4 * max(1, self.num_workers) * max(1, self.trainer.accumulate_grad_batches)
+                for old in [i for i in self._recent_positions if i < keep]:
+                    del self._recent_positions[old]
+        return batch
+
+    def _positions_after(self, consumed: int) -> dict[int, tuple[int, int]]:
+        """This rank's role -> (samples packed, offset) after its first `consumed` batches."""
+        positions = dict(self._start_positions.get(self.trainer.global_rank if self.trainer else 0, {}))
+        for i in sorted(i for i in self._recent_positions if i < consumed):
+            role, start, offset = self._recent_positions[i]
+            positions[role] = (start, offset)
+        return positions
+
     def state_dict(self) -> dict:
-        """Batches this rank has consumed: checkpoints are written at optimizer-step boundaries."""
+        """Batches this rank has consumed: checkpoints are written at optimizer-step boundaries.
+        With packing also every rank's stream positions (gathered: the checkpoint is rank 0's)."""
         consumed = 0
         if self.trainer is not None:
             consumed = self.trainer.global_step * self.trainer.accumulate_grad_batches
-        return {"train_batches_consumed": consumed, "seed": self.seed, "micro_batch_size": self.micro_batch_size}
+        state = {"train_batches_consumed": consumed, "seed": self.seed, "micro_batch_size": self.micro_batch_size}
+        if self.packing != "none":
+            mine = self._positions_after(consumed)
+            gathered = [mine]
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                gathered = [None] * torch.distributed.get_world_size()
+                torch.distributed.all_gather_object(gathered, mine)
+            state.update(
+                packing=self.packing,
+                num_workers=self.num_workers,
+                stream_positions={rank: {r: list(p) for r, p in pos.items()} for rank, pos in enumerate(gathered)},
+            )
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         if (
@@ -255,21 +317,23 @@ class CM3DataModule(L.LightningDataModule):
                 "resuming with a different data.seed or data.micro_batch_size would repeat or skip data; "
                 f"the checkpoint used seed={state.get('seed')} micro_batch_size={state.get('micro_batch_size')}"
             )
+        saved = (state.get("packing", "none"), state.get("num_workers", self.num_workers))
+        if saved[0] != self.packing or (self.packing != "none" and saved[1] != self.num_workers):
+            raise UsageError(
+                f"the checkpoint's data stream used data.packing={saved[0]} data.num_workers={saved[1]}; resuming "
+                f"with packing={self.packing} num_workers={self.num_workers} would repeat or skip data: use its values"
+            )
+        positions = state.get("stream_positions", {})
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if self.packing != "none" and len(positions) != world:
+            raise UsageError(
+                f"the checkpoint's packed data streams are those of {len(positions)} ranks, this run has {world}: "
+                "resume on as many ranks (packed streams cannot be re-split exactly)"
+            )
+        self._start_positions = {
+            int(rank): {int(r): (int(p[0]), int(p[1])) for r, p in pos.items()} for rank, pos in positions.items()
+        }
         self._start_batch = int(state["train_batches_consumed"])
-
-
-class _Limited(torch.utils.data.IterableDataset):
-    """The first `n` items of an iterable dataset."""
-
-    def __init__(self, inner, n: int):
-        super().__init__()
-        self.inner, self.n = inner, n
-
-    def __iter__(self):
-        for i, x in enumerate(self.inner):
-            if i >= self.n:
-                return
-            yield x
 
 
 def _retrieval_config(retrieval: Mapping | None):

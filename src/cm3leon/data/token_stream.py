@@ -17,6 +17,13 @@ round-robin over workers, so the worker of role r has produced ceil((n - r) / W)
 `batch_size` samples, and the resumed loader's worker w takes role (w + n) mod W (its first batch
 is global batch n). Each worker skips exactly its role's consumed samples, skipping whole shards
 by their sample count (from preprocessing's stats sidecar) without reading them.
+
+With packing (`packer`, `cm3leon.data.packing`) the stream yields packed rows instead, and a batch is
+`batch_size` rows: how many samples a batch consumed then depends on their lengths, so each row
+records where its role's stream stands after it (`Row.stream_pos`: samples packed, token offset
+into the next) and the checkpoint stores, per role, that position after the last consumed batch
+(`CM3DataModule.state_dict`). A resumed role skips that many samples, rebuilds the next one (its
+randomness is seeded by its position, so it is the same example) and packs it from the offset.
 """
 
 from __future__ import annotations
@@ -74,6 +81,9 @@ class TokenShardStream(IterableDataset):
         train: True: shuffle, loop forever over epochs, require >= 1 shard per global worker.
             False: fixed order, one pass (ranks/workers with no shard yield nothing).
         batch_size: per-rank micro-batch size (needed to turn consumed batches into samples).
+        packer: a `RowPacker`: yield its packed rows (with their role's stream position) instead
+            of examples.
+        limit: stop after this many samples (validation caps; per reader).
     """
 
     def __init__(
@@ -83,6 +93,8 @@ class TokenShardStream(IterableDataset):
         seed: int = 0,
         train: bool = True,
         batch_size: int = 1,
+        packer=None,
+        limit: int | None = None,
     ):
         super().__init__()
         self.shards = list(shards)
@@ -90,7 +102,11 @@ class TokenShardStream(IterableDataset):
         self.seed = seed
         self.train = train
         self.batch_size = batch_size
+        self.packer = packer
+        self.limit = limit
         self.start_batch = 0  # batches already consumed on this rank (set when resuming)
+        # with a packer: role -> (samples packed, token offset into the next) after the consumed batches
+        self.start_positions: dict[int, tuple[int, int]] = {}
 
     def _samples_to_skip(self, role: int, num_workers: int) -> int:
         n = self.start_batch
@@ -110,8 +126,17 @@ class TokenShardStream(IterableDataset):
                 f"{len(self.shards)} training shards < {G} readers (ranks x dataloader workers): some would starve; "
                 "lower data.num_workers or write more, smaller shards"
             )
-        skip = self._samples_to_skip(role, num_workers) if self.train else 0
-        epoch = 0
+        if self.packer is not None:
+            start, offset = self.start_positions.get(role, (0, 0)) if self.train else (0, 0)
+            for row in self.packer.rows(self._examples(g, G, start), start, offset):
+                row.stream_pos = (role, *row.stream_pos)
+                yield row
+        else:
+            yield from self._examples(g, G, self._samples_to_skip(role, num_workers) if self.train else 0)
+
+    def _examples(self, g: int, G: int, skip: int) -> Iterator[dict]:
+        """The examples of global reader g of G, after skipping `skip` samples."""
+        epoch, served = 0, 0
         while True:
             order = np.arange(len(self.shards))
             if self.train:
@@ -130,6 +155,9 @@ class TokenShardStream(IterableDataset):
                     if skip:
                         skip -= 1
                         continue
+                    if self.limit is not None and served >= self.limit:
+                        return
+                    served += 1
                     rng = np.random.default_rng([self.seed, epoch, int(shard_idx), int(i)])
                     yield self.transform(decode_sample(raw[i]), rng)
             if not self.train:

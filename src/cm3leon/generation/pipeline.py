@@ -56,11 +56,14 @@ def resolve_device(device: str) -> str:
 
 def check_checkpoint(path: str | Path | None) -> Path:
     """The checkpoint file, or a UsageError naming what to pass."""
+    from cm3leon.safe_load import refuse_sharded
+
     if not path:
         raise UsageError(
             "no checkpoint given: pass ckpt=PATH (a training run's checkpoints/last.ckpt; `python src/train.py` makes one)"
         )
     p = Path(path).expanduser()
+    refuse_sharded(p)
     if not p.is_file():
         raise UsageError(
             f"checkpoint {p} not found: pass ckpt=PATH to an existing .ckpt "

@@ -4,6 +4,7 @@ target tokens) and the batch measures `ThroughputMonitor` needs. (Sample grids a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -55,10 +56,19 @@ class TokenAccounting(L.Callback):
             return  # the optimizer step is not over
         import torch
 
-        real = self._real.to(torch.float64) if torch.is_tensor(self._real) else torch.tensor(float(self._real))
-        totals = torch.stack([real.double().cpu(), torch.tensor(float(self._positions), dtype=torch.float64)])
-        totals = trainer.strategy.reduce(totals.to(pl_module.device), reduce_op="sum")
-        real, positions = float(totals[0]), float(totals[1])
+        if torch.is_tensor(self._real) or trainer.world_size > 1:
+            # a device count, or other ranks' counts: one reduction per optimizer step (a host sync)
+            real = self._real.double() if torch.is_tensor(self._real) else torch.tensor(float(self._real))
+            totals = torch.stack(
+                [
+                    real.to(pl_module.device),
+                    torch.tensor(float(self._positions), dtype=torch.float64, device=pl_module.device),
+                ]
+            )
+            totals = trainer.strategy.reduce(totals, reduce_op="sum")
+            real, positions = float(totals[0]), float(totals[1])
+        else:  # the DataModule's CPU counts on one rank: no device work at all
+            real, positions = float(self._real), float(self._positions)
         now = time.perf_counter()
         elapsed = max(now - (self._t0 or now), 1e-9)
         self._real, self._positions, self._t0 = None, 0, now
@@ -76,12 +86,14 @@ class TokenAccounting(L.Callback):
 
 class BatchKeysRecorder(L.Callback):
     """Append the sample keys of every training batch to `<run dir>/batch_keys.jsonl`
-    (one JSON line per batch: step, rank, keys, and n_retrieved: the retrieved documents before
-    each query): the data-order log that resume and retrieval tests read."""
+    (one JSON line per batch: step, rank, keys, `ids_sha1` of the input ids, and n_retrieved: the
+    retrieved documents before each query): the data-order log that resume and retrieval tests read.
+    (A debugging aid: hashing the ids copies them to the host every batch.)"""
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         path = Path(trainer.default_root_dir) / "batch_keys.jsonl"
-        record = {"step": trainer.global_step, "rank": trainer.global_rank, "keys": batch["keys"]}
+        ids_sha1 = hashlib.sha1(batch["input_ids"].detach().cpu().numpy().tobytes()).hexdigest()
+        record = {"step": trainer.global_step, "rank": trainer.global_rank, "keys": batch["keys"], "ids_sha1": ids_sha1}
         if "n_retrieved" in batch:
             record["n_retrieved"] = [int(n) for n in batch["n_retrieved"]]
         with open(path, "a") as f:

@@ -14,9 +14,10 @@ paper's architecture) are exempt. LR: linear warmup to the peak, then linear dec
 
 from __future__ import annotations
 
+import contextlib
+
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torchmetrics import Metric, SumMetric
 
 from cm3leon.data.sequences import IGNORE_INDEX
@@ -59,7 +60,7 @@ class CM3LeonLitModule(L.LightningModule):
         `configure_model`; it is then saved in the hyperparameters with `data_meta`, so that
         `load_from_checkpoint` builds the model at once.
     optim: {lr, betas, eps, weight_decay, warmup_steps, final_lr_ratio} (conf/optim).
-    compile: wrap the model in torch.compile.
+    compile: torch.compile each transformer block (in place).
     data_meta: the token shards' meta.json (tokenizer paths and hashes, tokens per image) and the
         retrieval settings, kept in the checkpoint so that generation and evaluation find the
         matching tokenizers and memory bank (default: the DataModule's `data_meta()`).
@@ -103,10 +104,20 @@ class CM3LeonLitModule(L.LightningModule):
         self._build(vocab)
 
     def _build(self, vocab: Vocab) -> None:
+        from cm3leon.lit.fsdp2 import is_fsdp2, shard_model
+
         self.vocab = vocab
         self.config = ModelConfig.from_dict(dict(self.hparams.model), vocab_size=vocab.size)
-        self.model = CM3LeonLM(self.config)
-        self._compiled = torch.compile(self.model) if self.hparams.compile else self.model
+        trainer = self._trainer  # None outside fit (e.g. load_from_checkpoint)
+        fsdp2 = trainer is not None and is_fsdp2(trainer.strategy)
+        with torch.device("meta") if fsdp2 else contextlib.nullcontext():
+            self.model = CM3LeonLM(self.config)
+        if self.hparams.compile:
+            # each block compiled in place (as FSDP wraps them); embeddings, head and loss stay eager
+            for block in self.model.blocks:
+                block.compile()
+        if fsdp2:  # trainer=fsdp2: one FSDP2 unit per block, allocated and initialised sharded
+            shard_model(self.model, trainer.strategy.root_device, trainer.world_size, trainer.precision)
         # validation loss sums per target kind: all / text / image / structure
         self.val_sums = torch.nn.ModuleDict({k: SumMetric() for k in ("all", "text", "image", "struct")})
         self.val_counts = torch.nn.ModuleDict({k: SumMetric() for k in ("all", "text", "image", "struct")})
@@ -118,22 +129,26 @@ class CM3LeonLitModule(L.LightningModule):
     ) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, V]; packed rows (data.packing) pass their positions and
         doc_ids [B, T] (document-aware attention, `CM3LeonLM.forward`)."""
-        if doc_ids is None and positions is None:
-            return self._compiled(input_ids)
-        return self._compiled(input_ids, positions, doc_ids=doc_ids)
+        return self.model(input_ids, positions, doc_ids=doc_ids)
+
+    def _losses(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of the target losses, with gradients; per-target fp32 losses [B, T], 0 where the
+        target is -100). The head and the loss run chunked: no [B, T, V] logits (cm3leon/loss.py)."""
+        return self.model(
+            batch["input_ids"], batch.get("positions"), doc_ids=batch.get("doc_ids"), targets=batch["targets"]
+        )
 
     def _token_losses(self, batch: dict) -> torch.Tensor:
         """Per-target cross-entropy [B, T] (0 where target is -100), computed in fp32."""
-        logits = self(batch["input_ids"], batch.get("positions"), batch.get("doc_ids"))
-        B, T, V = logits.shape
-        return F.cross_entropy(
-            logits.float().view(B * T, V), batch["targets"].view(B * T), ignore_index=IGNORE_INDEX, reduction="none"
-        ).view(B, T)
+        return self._losses(batch)[1]
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        losses = self._token_losses(batch)
-        n = (batch["targets"] != IGNORE_INDEX).sum()
-        loss = losses.sum() / n.clamp(min=1)
+        total, _ = self._losses(batch)
+        # the DataModule counted the real targets on the CPU: dividing by them needs no device sync
+        if "n_real" in batch:
+            loss = total / max(int(batch["n_real"]), 1)
+        else:
+            loss = total / (batch["targets"] != IGNORE_INDEX).sum().clamp(min=1)
         B, T = batch["input_ids"].shape
         # MFU counts real tokens only (targets that carry loss; counted on the CPU by the DataModule)
         self.flops_per_batch = self.model.flops_per_token(T) * int(batch.get("n_real", B * T))

@@ -81,19 +81,21 @@ def _shard_documents(train_dir: Path, n: int) -> list | None:
 
 
 def expected_real_tokens(cfg: DictConfig, vocab=None) -> dict:
-    """Mean real (non-pad target) tokens per training sequence, and per packed block.
+    """Mean real (non-pad target) tokens per training sequence and per batch row, and the rows' pad
+    fraction, for the composed run's `data.packing`.
 
     Sequences are laid out by `build_sequence` (the training layout and its over-length policy) with
     k = retrieval.k retrieved documents: from a sample of the training token shards when they exist
     (document i as the query, the next k as its retrieved documents: their lengths, not their
     relevance, matter here), else from the paper's shapes (1,024 image tokens, `estimate.caption_tokens`
-    caption tokens). Real targets = sequence length - 1 (inputs and targets are the shifted sequence);
-    the CM3 transform's sentinel ids (+2 per masked span, ~Poisson(1) spans, cut at seq_len) are not
-    counted. Without packing one sequence occupies one batch row of seq_len nominal positions; with
-    `data.packing`, whole sequences fill a seq_len block in stream order (next fit).
+    caption tokens). Real targets of a sequence = its length - 1 (inputs and targets are the shifted
+    sequence); the CM3 transform's sentinel ids (+2 per masked span, ~Poisson(1) spans, cut at
+    seq_len) are not counted. Without packing one sequence occupies one batch row of seq_len
+    positions; with packing, rows are filled by the DataModule's own `RowPacker` (whole or split).
     """
     import numpy as np
 
+    from cm3leon.data.packing import packing_mode, pad_fraction
     from cm3leon.data.sequences import Document, build_sequence
     from cm3leon.vocab import Vocab
 
@@ -106,27 +108,27 @@ def expected_real_tokens(cfg: DictConfig, vocab=None) -> dict:
         source = f"token shards ({len(docs)} documents of {train_dir})"
     else:
         cap = int(est.get("caption_tokens", 20))
-        docs = [Document(text_ids=np.full(cap, 4, dtype=np.int64), codes=np.zeros(1024, dtype=np.int64))] * (k + 1)
+        docs = [Document(text_ids=np.full(cap, 4, dtype=np.int64), codes=np.zeros(1024, dtype=np.int64))] * (k + 64)
         source = f"paper shapes (no token shards: 1,024 image tokens + {cap} caption tokens per document)"
     lengths, kept = [], []
     for i in range(len(docs) - k):
         ids, n_kept = build_sequence(docs[i + k], docs[i : i + k], vocab, seq_len)
         lengths.append(len(ids))
         kept.append(n_kept)
-    per_block, block_fill = [], 0
-    for n in lengths:  # next-fit packing of whole sequences into seq_len blocks
-        if block_fill + n > seq_len:
-            per_block.append(block_fill)
-            block_fill = 0
-        block_fill += n
-    per_block.append(block_fill)
+    mode = packing_mode(cfg.data.get("packing"))
     mean_len = float(np.mean(lengths))
+    if mode == "none":
+        pad = 1.0 - (mean_len - 1) / seq_len
+    else:
+        pad = pad_fraction(lengths, seq_len, split=mode == "split")
     return {
         "source": source,
         "retrieved_per_sequence": {"k": k, "kept_mean": float(np.mean(kept))},
         "tokens_per_sequence": mean_len,
         "real_tokens_per_sequence": mean_len - 1,
-        "real_tokens_per_packed_block": float(np.mean(per_block[:-1] or per_block)) - 1,
+        "packing": mode,
+        "pad_fraction": pad,
+        "real_tokens_per_row": seq_len * (1.0 - pad),
     }
 
 
@@ -150,14 +152,12 @@ def dry_run(cfg: DictConfig) -> dict:
     with torch.device("meta"):
         model = CM3LeonLM(ModelConfig.from_dict(cfg.model, vocab_size=vocab.size))
     accum = accumulation(cfg)
-    sequences_per_step = world_size(cfg.trainer) * cfg.data.micro_batch_size * accum
-    tokens_per_step = sequences_per_step * cfg.data.seq_len
+    rows_per_step = world_size(cfg.trainer) * cfg.data.micro_batch_size * accum  # sequences or packed rows
+    tokens_per_step = rows_per_step * cfg.data.seq_len
     fpt = model.flops_per_token(cfg.data.seq_len)
     steps = max_steps(cfg)
     real = expected_real_tokens(cfg, vocab if vocab_source == "token shards" else None)
-    packing = bool(cfg.data.get("packing", False))
-    real_per_row = real["real_tokens_per_packed_block"] if packing else real["real_tokens_per_sequence"]
-    real_per_step = round(sequences_per_step * real_per_row)
+    real_per_step = round(rows_per_step * real["real_tokens_per_row"])
     est = cfg.get("estimate") or {}
     mfu, peak = float(est.get("mfu", 0.45)), float(est.get("peak_tflops", 989))
     gpu_hours = None if steps is None else fpt * real_per_step * steps / (mfu * peak * 1e12) / 3600
@@ -174,13 +174,14 @@ def dry_run(cfg: DictConfig) -> dict:
         "accumulation_rounding": "none: global_batch_tokens must be a multiple of devices x nodes x "
         "micro_batch_size x seq_len, else the run stops (UsageError)",
         "tokens_per_step": tokens_per_step,
-        "tokens_per_step_note": "nominal: sequences x seq_len, padding included",
+        "tokens_per_step_note": "nominal: batch rows x seq_len, padding included",
         "real_tokens_per_step": real_per_step,
         "real_fraction": real_per_step / tokens_per_step,
         "real_tokens_source": real["source"],
         "real_tokens_per_sequence": real["real_tokens_per_sequence"],
         "retrieved_per_sequence": real["retrieved_per_sequence"],
-        "packing": packing,
+        "packing": real["packing"],
+        "pad_fraction": round(real["pad_fraction"], 4),
         "flops_per_token": fpt,
         "flops_per_step": fpt * tokens_per_step,
         "token_budget": cfg.get("token_budget"),
