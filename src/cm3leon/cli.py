@@ -94,6 +94,15 @@ def one_line(report: str) -> str:
     return "; ".join(parts)
 
 
+class _HeldStderr(list):
+    """The process's stderr while Hydra composes (see `hydra_entry`). A launcher that ships the task
+    to another process (submitit pickles it) ships an empty hold: a stream cannot be pickled, and
+    the other process keeps its own stderr."""
+
+    def __reduce__(self):
+        return (_HeldStderr, ())
+
+
 def hydra_entry(config_name: str, script: str | Path) -> Callable[[Callable[[Any], Any]], Callable[[], Any]]:
     """Decorate `task(cfg)` as the script's `main()`: Hydra composes `<root>/conf/<config_name>.yaml`
     with the command line, then runs the task under the error policy above. `main()` returns the
@@ -105,7 +114,7 @@ def hydra_entry(config_name: str, script: str | Path) -> Callable[[Callable[[Any
 
         started = False
 
-        real_stderr: list = []  # sys.stderr while Hydra composes is a buffer (see main)
+        real_stderr = _HeldStderr()  # sys.stderr while Hydra composes is a buffer (see main)
 
         def restore_stderr() -> str:
             """Give the process its stderr back; return what was written meanwhile."""

@@ -47,20 +47,15 @@ def world_vocab_size(text_tokenizer: str | Path, image_tokenizer: str | Path, n_
 
 
 def copy_weights_to_opt(model: CM3LeonLM, hf) -> None:
-    """Copy our weights into an `hf_opt_reference(model.config)` (OPT offsets positions by 2)."""
-    d = model.config.d_model
-    dec = hf.model.decoder
+    """Copy our weights into an `hf_opt_reference(model.config)`: the export's mapping
+    (`cm3leon.export_hf.opt_state_dict`, OPT's positions offset by 2)."""
+    from cm3leon.export_hf import opt_state_dict
+
     with torch.no_grad():
-        dec.embed_tokens.weight.copy_(model.tok_emb.weight)
-        dec.embed_positions.weight[2:].copy_(model.pos_emb.weight)
-        for ours, theirs in zip(model.blocks, dec.layers):
-            q, k, v = ours.attn.qkv.weight.split(d)
-            theirs.self_attn.q_proj.weight.copy_(q)
-            theirs.self_attn.k_proj.weight.copy_(k)
-            theirs.self_attn.v_proj.weight.copy_(v)
-            theirs.self_attn.out_proj.weight.copy_(ours.attn.out_proj.weight)
-            theirs.fc1.weight.copy_(ours.mlp.fc1.weight)
-            theirs.fc2.weight.copy_(ours.mlp.fc2.weight)
+        missing, unexpected = hf.load_state_dict(opt_state_dict(model), strict=False)
+    # the reference ties its head to the token table, so lm_head.weight may be absent from ours
+    if unexpected or any(k != "lm_head.weight" for k in missing):
+        raise RuntimeError(f"OPT reference and export mapping disagree: missing {missing}, unexpected {unexpected}")
 
 
 def _sync(device: str) -> None:
@@ -229,17 +224,9 @@ def bench_350m_image(
     """350M bf16, one image (1024 tokens) at batch 1 with CFG: s/image eager and with a CUDA graph;
     HF generate (same dims, bf16, no CFG) tokens/s over hf_tokens new tokens."""
     model, vocab = _350m(conf_dir)
-    caption = torch.randint(4, 1000, (20,))
-    dec = DecodingConfig(guidance_scale=3.0, top_p=0.9)
     out = dict(gpu=torch.cuda.get_device_name(), tokens_per_image=tokens_per_image, guidance_scale=3.0)
     for name, graph in (("eager", False), ("cuda_graph", True)):
-
-        def gen(graph=graph):
-            return generate_images(model, vocab, [caption], tokens_per_image, decoding=dec, cuda_graph=graph)
-
-        gen()  # warm-up (and capture)
-        times = [_timed(gen, "cuda")[0] for _ in range(repeats)]
-        out[f"{name}_s_per_image"] = statistics.median(times)
+        out[f"{name}_s_per_image"] = s_per_image(model, vocab, tokens_per_image, graph, repeats)
     hf = hf_opt_reference(model.config)
     copy_weights_to_opt(model.float().cpu(), hf)
     model = None  # free its memory
@@ -250,6 +237,41 @@ def bench_350m_image(
     out["hf_tok_s_no_cfg"] = hf_tokens / t
     out["hf_s_per_image_extrapolated"] = tokens_per_image / out["hf_tok_s_no_cfg"]
     hf = None  # free its memory
+    torch.cuda.empty_cache()
+    return out
+
+
+@torch.no_grad()
+def s_per_image(model: CM3LeonLM, vocab: Vocab, tokens_per_image: int, cuda_graph: bool, repeats: int = 3) -> float:
+    """Median seconds for one image at batch 1 with CFG (weight 3, top-p 0.9: two streams), after
+    a warm-up (which also captures the CUDA graph)."""
+    caption = torch.randint(4, 1000, (20,))
+    dec = DecodingConfig(guidance_scale=3.0, top_p=0.9)
+
+    def gen():
+        return generate_images(model, vocab, [caption], tokens_per_image, decoding=dec, cuda_graph=cuda_graph)
+
+    gen()
+    return statistics.median(_timed(gen, "cuda")[0] for _ in range(repeats))
+
+
+@torch.no_grad()
+def bench_7b_image(conf_dir: str | Path, tokens_per_image: int = 1024, repeats: int = 2) -> dict:
+    """7B bf16 (random weights, made on the GPU), one image at batch 1 with CFG, CUDA graph: s/image
+    (the paper: 11.8 s on an A100)."""
+    torch.manual_seed(0)
+    cfg = load_model_config(conf_dir, "7b", zero_init_residual_out=False)
+    with torch.device("cuda"):
+        model = CM3LeonLM(cfg).to(torch.bfloat16).eval()
+    torch.cuda.reset_peak_memory_stats()
+    out = dict(
+        gpu=torch.cuda.get_device_name(),
+        params=model.num_params(),
+        tokens_per_image=tokens_per_image,
+        cuda_graph_s_per_image=s_per_image(model, Vocab.paper(), tokens_per_image, True, repeats),
+        peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30,
+    )
+    model = None  # free its memory
     torch.cuda.empty_cache()
     return out
 

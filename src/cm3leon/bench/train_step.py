@@ -5,8 +5,10 @@
 
 The reference is OPT configured as the paper's architecture: no biases, no dropout, LayerNorm
 without affine parameters, ReLU, pre-LN, tied embeddings, SDPA attention. Both models see the same
-batch, the same loss (fp32 cross-entropy outside the model) and the same precision (fp32 on CPU,
-bf16 autocast on CUDA), timed in the same process: each model's number is the median of `steps`
+batch and the same precision (fp32 on CPU, bf16 autocast on CUDA); each computes the loss its own
+way: HF as its users do (logits, then fp32 cross-entropy), ours as training does (the fused chunked
+head + cross-entropy of `cm3leon/loss.py`, no [B, T, V] logits; `compile=True` also compiles our
+blocks, as `compile=true` in training). Timed in the same process: each model's number is the median of `steps`
 steps after `warmup` steps, measured twice in alternation (ours, HF, ours, HF), the better kept. On CUDA the result also holds the 350M model at sequence length 4096 in bf16:
 tokens/s and MFU against the H100 dense bf16 peak (989 TFLOP/s), FLOPs from `flops_per_token`.
 """
@@ -75,15 +77,21 @@ def _time_steps(step, device: str, steps: int, warmup: int) -> float:
     return statistics.median(times)
 
 
-def _make_step(model, x, y, vocab_size: int, device: str, hf: bool):
+def _make_step(model, x, y, vocab_size: int, device: str, hf: bool, optimizer=None):
+    """One training step: forward, loss, backward (and `optimizer.step()` when given)."""
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else nullcontext()
 
     def step():
         model.zero_grad(set_to_none=True)
         with amp:
-            logits = model(input_ids=x, use_cache=False).logits if hf else model(x)  # [B, T, V]
-        loss = F.cross_entropy(logits.float().view(-1, vocab_size), y.reshape(-1))
+            if hf:
+                logits = model(input_ids=x, use_cache=False).logits  # [B, T, V]
+                loss = F.cross_entropy(logits.float().view(-1, vocab_size), y.reshape(-1))
+            else:
+                loss = model(x, targets=y)[0] / y.numel()
         loss.backward()
+        if optimizer is not None:
+            optimizer.step()
 
     return step
 
@@ -100,6 +108,7 @@ def bench_train_step(
     warmup: int = 2,
     seed: int = 0,
     with_350m: bool = True,
+    compile: bool = False,
 ) -> dict:
     """Time one forward+backward step of `size` (conf_dir/model/<size>.yaml) for our model and HF
     OPT; on CUDA add 350M numbers.
@@ -122,6 +131,9 @@ def bench_train_step(
     data = torch.randint(4, vocab_size, (B, T + 1), device=device)
     x, y = data[:, :-1].contiguous(), data[:, 1:].contiguous()
     ours = CM3LeonLM(cfg).to(device).train()
+    if compile:
+        for block in ours.blocks:
+            block.compile()
     theirs = hf_opt_reference(cfg).to(device).train()
     result = dict(
         device=device,
@@ -132,6 +144,7 @@ def bench_train_step(
         params_ours=ours.num_params(),
         params_hf=sum(p.numel() for p in theirs.parameters()),
         torch_threads=torch.get_num_threads(),
+        compile=compile,
     )
     # alternate the two so that a noisy neighbour on the machine hits both alike
     t_ours, t_hf = [], []
@@ -140,6 +153,11 @@ def bench_train_step(
         t_hf.append(_time_steps(_make_step(theirs, x, y, vocab_size, device, True), device, steps, warmup))
     result.update(ours_ms=min(t_ours), hf_ms=min(t_hf))
     result["speedup"] = result["hf_ms"] / result["ours_ms"]
+    flops = ours.flops_per_token(T)
+    for who in ("ours", "hf"):
+        tokens_per_s = B * T / (result[f"{who}_ms"] / 1e3)
+        result[f"{who}_tokens_per_s"] = tokens_per_s
+        result[f"{who}_mfu"] = flops * tokens_per_s / H100_BF16_PEAK_FLOPS if on_gpu else None
     del ours, theirs
     if on_gpu and with_350m:
         result["gpu_350m"] = bench_350m_gpu(conf_dir, seed=seed)
