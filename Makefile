@@ -40,6 +40,9 @@ data: install  ## generate the embedded world and its token shards
 bench: install  ## hot-path benchmarks against their peers, printed as JSON
 	$(PY) src/bench.py
 
+gpu-check: install  ## the prepared GPU check (one H100/H200, ~8 min): JSON + Markdown in logs/gpu_check/
+	$(PY) src/gpu_check.py --out logs/gpu_check
+
 notebook: install  ## execute notebooks/evaluate.ipynb headless (needs a training run: make demo); output in logs/notebooks/
 	$(PY) notebooks/execute.py notebooks/evaluate.ipynb
 

@@ -170,7 +170,8 @@ def test_multirun_makes_one_folder_per_job(tiny_tokens, tmp_path):
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
     assert [p.name for p in jobs] == ["0", "1"]
     for job, lr in zip(jobs, ("0.001", "0.002")):
-        assert (job / "checkpoints" / "last.ckpt").is_file()
+        # 2 steps, no periodic checkpoint yet: ModelCheckpoint's own last.ckpt, and no last-v1.ckpt beside it
+        assert sorted(p.name for p in (job / "checkpoints").iterdir()) == ["last.ckpt"]
         assert f"optim.lr={lr}" in (job / ".hydra" / "overrides.yaml").read_text()
 
 
@@ -230,3 +231,25 @@ def test_retrieval_on_and_off_train_from_the_same_command_line(tiny_tokens, tmp_
             "data_meta"
         ]
         assert (meta.get("retrieval") or {}).get("folder") == (str(bank.resolve()) if k else None)
+
+
+def _run_id_in_process(folder: str, queue) -> None:
+    from cm3leon.lit.loggers import wandb_run_id
+
+    queue.put(wandb_run_id(folder))
+
+
+def test_wandb_run_id_is_one_id_when_ranks_race(tmp_path):
+    """Every rank of a fresh multi-node run asks for the run's W&B id at once: they all get one."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_run_id_in_process, args=(str(tmp_path), queue)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    ids = [queue.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    assert len(set(ids)) == 1 and (tmp_path / "wandb_run_id").read_text().strip() == ids[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["wandb_run_id"]  # no temporary files left

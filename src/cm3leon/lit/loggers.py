@@ -70,8 +70,16 @@ def wandb_run_id(save_dir: str | Path) -> str:
     if not path.is_file():
         from wandb.sdk.lib.runid import generate_id
 
-        with atomic_path(path) as tmp:
-            tmp.write_text(generate_id() + "\n")
+        # every rank may get here on a fresh run: the first link wins, the others read its id
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".wandb_run_id.{os.getpid()}")
+        tmp.write_text(generate_id() + "\n")
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
     return path.read_text().strip()
 
 

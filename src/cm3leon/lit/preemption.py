@@ -71,8 +71,15 @@ class Preemption(L.Callback):
         self._saved_step = trainer.global_step
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if self._saved_step != trainer.global_step:  # no checkpoint of the final step yet
-            trainer.save_checkpoint(checkpoint_dir(trainer) / "last.ckpt")
+        if self._saved_step == trainer.global_step:
+            return  # a checkpoint of the final step exists
+        path = checkpoint_dir(trainer) / "last.ckpt"
+        trainer.save_checkpoint(path)
+        callback = trainer.checkpoint_callback
+        if getattr(callback, "save_last", False):
+            # ModelCheckpoint (after us) saves last.ckpt at the end when it saved none in this process;
+            # finding ours there it would write last-v1.ckpt: tell it this one is its last
+            callback._last_checkpoint_saved = callback.last_model_path = str(path)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException):
