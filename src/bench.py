@@ -28,7 +28,7 @@ SECTIONS = {
     "vq": ("cm3leon.bench.vq", "bench_vq", True),
     "token_read": ("cm3leon.bench.token_read", "bench_token_read", False),
     "train": ("cm3leon.bench.train_step", "bench_train_step", True),
-    "retrieval": ("cm3leon.bench.retrieval", "bench_retrieval", False),
+    "retrieval": ("cm3leon.bench.retrieval", "bench_retrieval", True),
     "generate": ("cm3leon.bench.generate", "bench_generate", True),
     "data_path": ("cm3leon.bench.data_path", "bench_data_path", False),
 }

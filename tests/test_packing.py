@@ -271,7 +271,7 @@ def test_packed_collate_keeps_every_target_and_the_loss(tiny_tokens):
     torch.testing.assert_close(losses[True], losses[False], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("mode", ["whole", "split"])
+@pytest.mark.parametrize("mode", [pytest.param("whole", marks=pytest.mark.slow), "split"])  # split: the harder resume
 def test_resume_is_exact_with_packing(tiny_tokens, tmp_path, mode):
     """test_train's resume test with packing: the same batches, nothing repeated or skipped (split:
     the resumed stream restarts inside a cut example)."""

@@ -14,8 +14,10 @@ Vectors, one convention for the memory bank and every query:
 - a query is a unit text vector or a unit image vector; relevance = inner product (<= 1). A query's
   relevance to its own document is sqrt((1 + cos(text, image)) / 2).
 
-Batched; on CUDA the model runs in fp16 (open_clip's `precision="fp16"`) and the outputs are
-normalised in fp32. A random-initialised model is refused: retrieval needs trained weights.
+Batched: on CUDA the model runs in fp16 (open_clip's `precision="fp16"`) on batches of
+`GPU_BATCH` (1024) items, inputs copied from pinned memory; on the CPU in fp32 on batches of
+`CPU_BATCH` (256); outputs are normalised in fp32 either way. A random-initialised model is
+refused: retrieval needs trained weights.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from cm3leon.tokenizers.image_processing import ImageLike, to_pil, to_rgb
 # the shipped world CLIP, relative to the working directory (the checkout, where `make` runs); the
 # configs pass absolute paths (${paths.shipped_dir})
 SHIPPED_WORLD_CLIP = "data/shipped/world_clip.pt"
+GPU_BATCH = 1024  # items per forward pass on CUDA (fp16 ViT-B-32: ~1 GB of activations)
+CPU_BATCH = 256
 _WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz")
 
 
@@ -101,7 +105,7 @@ class DocumentEncoder:
         model_name: an open_clip model name ('ViT-B-32', or `TINY_CLIP` for the embedded world).
         pretrained: an open_clip tag or a local weights file (required).
         device: 'cpu', 'cuda', ...; default cuda when available.
-        batch_size: items per forward pass.
+        batch_size: items per forward pass; default GPU_BATCH (1024) on CUDA, CPU_BATCH (256) elsewhere.
         precision: open_clip precision; default 'fp16' on CUDA, 'fp32' elsewhere.
     """
 
@@ -110,7 +114,7 @@ class DocumentEncoder:
         model_name: str = "ViT-B-32",
         pretrained: str | None = None,
         device: str | None = None,
-        batch_size: int = 256,
+        batch_size: int | None = None,
         precision: str | None = None,
     ):
         import open_clip
@@ -120,8 +124,10 @@ class DocumentEncoder:
         pretrained = str(pretrained) if pretrained else None
         check_pretrained(model_name, pretrained)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.precision = precision or ("fp16" if self.device.type == "cuda" else "fp32")
-        self.model_name, self.pretrained, self.batch_size = model_name, pretrained, batch_size
+        on_cuda = self.device.type == "cuda"
+        self.precision = precision or ("fp16" if on_cuda else "fp32")
+        self.batch_size = int(batch_size or (GPU_BATCH if on_cuda else CPU_BATCH))
+        self.model_name, self.pretrained = model_name, pretrained
         try:
             # weights_only: a weights file (local or downloaded) never runs code when it is read
             self.model, _, self.preprocess = open_clip.create_model_and_transforms(
@@ -130,6 +136,9 @@ class DocumentEncoder:
         except pickle.UnpicklingError as e:
             raise refusal(pretrained, "CLIP weights", e) from None
         self.model.eval().requires_grad_(False)
+        # images go in at the precision's dtype: with "fp16" open_clip halves the convolution and
+        # linear weights but keeps other parameters (embeddings, norms) in fp32
+        self.input_dtype = open_clip.get_input_dtype(self.precision) or torch.float32
         self.tokenizer = open_clip.get_tokenizer(model_name)
         self.dim = int(self.model.visual.output_dim)
 
@@ -149,17 +158,22 @@ class DocumentEncoder:
             tokens = self.tokenizer(list(texts[s : s + self.batch_size]))
             if drop_rate > 0:
                 tokens = drop_tokens(tokens, drop_rate, rng or np.random.default_rng(), special, pad_id)
-            out.append(_normalize(self.model.encode_text(tokens.to(self.device))).cpu().numpy())
+            out.append(_normalize(self.model.encode_text(self._to_device(tokens))).cpu().numpy())
         return np.concatenate(out)
+
+    def _to_device(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A CPU batch on the model's device (pinned and copied asynchronously on CUDA)."""
+        if self.device.type == "cuda":
+            return x.pin_memory().to(self.device, dtype, non_blocking=True)
+        return x.to(self.device, dtype)
 
     @torch.inference_mode()
     def encode_images(self, images: Sequence[ImageLike]) -> np.ndarray:
         """PIL images or uint8 HWC arrays (RGBA blended on white) -> float32 [N, dim], unit norm."""
         out = [np.zeros((0, self.dim), np.float32)]
-        dtype = next(self.model.parameters()).dtype
         for s in range(0, len(images), self.batch_size):
             batch = [self.preprocess(to_rgb(to_pil(im))) for im in images[s : s + self.batch_size]]
-            x = torch.stack(batch).to(self.device, dtype)
+            x = self._to_device(torch.stack(batch), self.input_dtype)
             out.append(_normalize(self.model.encode_image(x)).cpu().numpy())
         return np.concatenate(out)
 
