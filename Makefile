@@ -67,6 +67,11 @@ world-cfg: install  ## the README's CFG table: train experiment=world_long to 12
 	$(WORLD_EVAL) decoding=cdk decoding.guidance_scale=1,3 'out_dir=$(WORLD_RUN)/eval/cdk_cfg$${decoding.guidance_scale}'
 	$(PY) src/eval_table.py $(WORLD_RUN)/eval
 
+SHIPPED_RUN := logs/train/world_shipped
+world-model: install  ## train the world model to ship (issue 17): world_long to 12,000 steps, one schedule (~3.3 h on 2 cores); rerun to resume
+	$(PY) src/train.py experiment=world_long trainer.max_steps=12000 callbacks.model_checkpoint.every_n_train_steps=500 \
+		hydra.run.dir=$(SHIPPED_RUN) ckpt_path=last
+
 WORLD_PAIRED = $(WORLD_RUN)/eval1000
 world-cfg-paired: install  ## after world-cfg: CFG 3 vs none, caption by caption, 1,000 val captions x 2 seeds (~20 min)
 	$(PY) src/eval_fid.py -m ckpt=$(WORLD_CKPT) eval=embedded eval.n_captions=1000 eval.samples_per_caption=1 \

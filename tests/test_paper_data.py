@@ -87,6 +87,7 @@ def test_datamodule_batches_hold_k_retrieved_paper_documents(paper_tokens):
     assert (n_image >= 3 * 1024 - 1).all(), n_image  # k=2 retrieved images + the query's (last may be shifted off)
 
 
+@pytest.mark.slow  # ~65 s: three training runs of 4,096-token rows (the recipes' composition and dry run are in the default suite)
 def test_each_paper_recipe_trains_two_steps_on_paper_shaped_data(paper_tokens, tmp_path):
     """Issue 15: experiment=paper_350m / paper_760m / paper_7b as composed (retrieval k=2, packing
     split, CM3, the recipe's optimizer and schedule), the model shrunk by override and the cluster

@@ -80,7 +80,8 @@ def ckpt_step(path: Path) -> int:
 
 
 # ---- item 5: SIGTERM / SIGUSR1 -----------------------------------------------------------------
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+# SIGUSR1 in the default suite: test_multinode.test_sigusr1_under_slurm_saves_and_requeues_once
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGUSR1, marks=pytest.mark.slow)])
 def test_signal_saves_the_current_step_exits_nonzero_and_resumes(sig, tiny_tokens, tmp_path):
     run = tmp_path / "run"
     common = [

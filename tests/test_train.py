@@ -103,6 +103,7 @@ def small_run_args(tokens: Path, run_dir: Path, *extra: str) -> list[str]:
     ]
 
 
+@pytest.mark.slow  # every default training test covers this path
 def test_fast_dev_run(tiny_tokens, tmp_path):
     proc = run_train(small_run_args(tiny_tokens, tmp_path / "run", "+trainer.fast_dev_run=true"))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -175,6 +176,7 @@ def test_multirun_makes_one_folder_per_job(tiny_tokens, tmp_path):
         assert f"optim.lr={lr}" in (job / ".hydra" / "overrides.yaml").read_text()
 
 
+@pytest.mark.slow  # ~30 s; the default suite's multi-process run is test_multinode's two-node torchrun
 def test_ddp_two_cpu_processes_gloo(tiny_tokens, tmp_path):
     run_dir = tmp_path / "ddp"
     proc = run_train(

@@ -276,7 +276,8 @@ def preprocess_split(
     use_pool = cfg.num_workers > 1 and cfg.device == "cpu" and len(jobs) > 1
     if use_pool:
         threads = max(1, (os.cpu_count() or 1) // cfg.num_workers)
-        with mp.get_context("fork").Pool(cfg.num_workers, _init_worker, (cfg, threads)) as pool:
+        # spawn, not fork: a forked child of a process whose torch threads already ran can deadlock
+        with mp.get_context("spawn").Pool(cfg.num_workers, _init_worker, (cfg, threads)) as pool:
             for stats in pool.imap_unordered(_run_job, jobs):
                 done.append(stats)
                 bar.update()
