@@ -1,6 +1,7 @@
 """Convert a trusted checkpoint or weights file into one every loader of the project reads.
 
     python src/convert_checkpoint.py src=old.ckpt dst=new.ckpt
+    python src/convert_checkpoint.py src=RUN/checkpoints/last.ckpt dst=model.safetensors [dtype=bfloat16]
 
 The project loads torch files with `torch.load(weights_only=True)` only (nothing in a file can run
 code); a file holding other Python objects (OmegaConf configs, dataclasses, numpy values, a whole
@@ -18,7 +19,9 @@ from cm3leon.cli import hydra_entry
 def main(cfg: DictConfig) -> None:
     from cm3leon.safe_load import convert_checkpoint
 
-    print(f"wrote {convert_checkpoint(cfg.src, cfg.dst)} (loads with weights_only=True)")
+    out = convert_checkpoint(cfg.src, cfg.dst, cfg.dtype)
+    kind = "weights only, cm3leon.lm_weights" if out.suffix == ".safetensors" else "loads with weights_only=True"
+    print(f"wrote {out} ({kind})")
 
 
 if __name__ == "__main__":

@@ -118,10 +118,11 @@ def load_sharded_checkpoint(folder: Path) -> dict:
     return checkpoint
 
 
-def convert_checkpoint(src: str | Path, dst: str | Path) -> Path:
+def convert_checkpoint(src: str | Path, dst: str | Path, dtype: str = "bfloat16") -> Path:
     """Re-save a TRUSTED torch file (fully unpickled: it may run code), or a sharded checkpoint
     folder (trainer=fsdp2) as one file of full weights, as tensors and plain containers, written
-    atomically; the result is checked to load with weights_only=True."""
+    atomically; the result is checked to load with weights_only=True. A `dst` ending in
+    `.safetensors` gets the model's weights only, in `dtype` (`cm3leon.lm_weights`)."""
     from cm3leon.utils import atomic_path
 
     src, dst = Path(src).expanduser(), Path(dst).expanduser()
@@ -129,6 +130,12 @@ def convert_checkpoint(src: str | Path, dst: str | Path) -> Path:
         raise UsageError(f"src={src} not found: pass the checkpoint to convert")
     if dst.resolve() == src.resolve():
         raise UsageError(f"dst={dst} is the source file: pass a new path")
+    if dst.suffix == ".safetensors":
+        from cm3leon.lm_weights import save_lm_weights
+
+        if src.is_dir():
+            raise UsageError(f"src={src} is a sharded folder: convert it to a .ckpt first, then to {dst.name}")
+        return save_lm_weights(src, dst, dtype)
     if src.is_dir():
         checkpoint = load_sharded_checkpoint(src)
     else:

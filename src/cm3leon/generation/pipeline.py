@@ -81,18 +81,25 @@ def load_lm(ckpt: str | Path) -> tuple[CM3LeonLM, Vocab, dict]:
     from cm3leon.safe_load import load_weights_only
 
     path = check_checkpoint(ckpt)
-    container = load_weights_only(path, "checkpoint")
-    container = container if isinstance(container, Mapping) else {}
-    hp = container.get("hyper_parameters") or {}
-    if not hp.get("model") or not hp.get("vocab") or "state_dict" not in container:
-        raise UsageError(
-            f"checkpoint {path} records no model and vocab hyperparameters: not a CM3Leon training checkpoint "
-            "(pass ckpt= a training run's checkpoints/last.ckpt)"
-        )
+    if path.suffix == ".safetensors":  # a weights-only file (cm3leon.lm_weights), e.g. the shipped world model
+        from cm3leon.lm_weights import read_lm_weights
+
+        weights, hp = read_lm_weights(path)
+    else:
+        container = load_weights_only(path, "checkpoint")
+        container = container if isinstance(container, Mapping) else {}
+        hp = container.get("hyper_parameters") or {}
+        if not hp.get("model") or not hp.get("vocab") or "state_dict" not in container:
+            raise UsageError(
+                f"checkpoint {path} records no model and vocab hyperparameters: not a CM3Leon training checkpoint "
+                "(pass ckpt= a training run's checkpoints/last.ckpt)"
+            )
+        # the LightningModule holds the model as `model.`; other entries (metrics) are not the model's
+        weights = {k.removeprefix("model."): v for k, v in container["state_dict"].items() if k.startswith("model.")}
     vocab = Vocab.from_dict(hp["vocab"])
     model = CM3LeonLM(ModelConfig.from_dict(dict(hp["model"]), vocab_size=vocab.size))
-    # the LightningModule holds the model as `model.`; other entries (compiled alias, metrics) are not the model's
-    weights = {k.removeprefix("model."): v for k, v in container["state_dict"].items() if k.startswith("model.")}
+    if model.config.tie_embeddings:  # weights files store the tied table once
+        weights.setdefault("lm_head.weight", weights["tok_emb.weight"])
     model.load_state_dict(weights, strict=True)
     return model.eval().requires_grad_(False), vocab, dict(hp.get("data_meta") or {})
 
@@ -123,7 +130,12 @@ def checkpoint_meta(ckpt: str | Path) -> dict:
     weights into memory (memory-mapped, weights_only load)."""
     from cm3leon.safe_load import load_weights_only
 
-    container = load_weights_only(check_checkpoint(ckpt), "checkpoint", mmap=True)
+    path = check_checkpoint(ckpt)
+    if path.suffix == ".safetensors":
+        from cm3leon.lm_weights import read_lm_weights
+
+        return dict(read_lm_weights(path)[1]["data_meta"])
+    container = load_weights_only(path, "checkpoint", mmap=True)
     return dict((container.get("hyper_parameters") or {}).get("data_meta") or {})
 
 
