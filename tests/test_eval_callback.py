@@ -4,6 +4,7 @@ with log_image, as W&B's). Random checkpoint / tokenizer / CLIP: the tiny_eval_r
 
 from __future__ import annotations
 
+import json
 from typing import ClassVar
 
 import numpy as np
@@ -55,7 +56,7 @@ class WorldDataModule:
 
 
 class ImageLogger:
-    """A minimal Lightning logger with W&B's log_image."""
+    """A minimal Lightning logger with W&B's log_image and log_table."""
 
     def __new__(cls):
         from lightning.pytorch.loggers import Logger
@@ -64,6 +65,7 @@ class ImageLogger:
             name, version = "fake", 0
             metrics: ClassVar[list] = []
             images: ClassVar[list] = []
+            tables: ClassVar[list] = []
 
             @property
             def experiment(self):
@@ -77,6 +79,9 @@ class ImageLogger:
 
             def log_image(self, key, images, step=None, **kwargs):
                 self.images.append((key, list(images), step, kwargs.get("caption")))
+
+            def log_table(self, key, columns, data, step=None):
+                self.tables.append((key, list(columns), list(data), step))
 
         return _L()
 
@@ -123,6 +128,13 @@ def test_fid_callback_logs_metrics_and_a_grid_every_n_steps(tiny_eval_run, tmp_p
     assert float(trainer.callback_metrics["eval/fd_tiny_clip"]) == pytest.approx(m["eval/fd_tiny_clip"])
     assert cb.last_grid == tmp_path / "eval" / "step_0000002.png" and cb.last_grid.is_file()
     assert logger.images and logger.images[0][0] == "eval/samples" and logger.images[0][2] == 2
+    # the sample table: one row per image (image, caption, correct by the checker, step)
+    key, columns, rows, step = logger.tables[0]
+    assert key == "eval/sample_table" and columns == ["image", "caption", "correct", "step"] and step == 2
+    assert len(rows) == cb.n_images and all(isinstance(r[2], bool) for r in rows)
+    assert np.mean([r[2] for r in rows]) == pytest.approx(m["eval/caption_acc"])
+    record = json.loads((tmp_path / "eval" / "step_0000002.json").read_text())
+    assert len(record["correct"]) == len(record["captions"])
     assert module.model.training  # the model went back to training mode
 
 
@@ -135,3 +147,20 @@ def test_fid_callback_rejects_bad_settings():
         SampleCallback(n_images=1, metrics=["frechet"])
     with pytest.raises(ValueError, match="not in"):
         SampleCallback(metrics=["fid"])
+
+
+def test_captioned_grid_shows_each_caption_and_its_mark(tmp_path):
+    from PIL import Image
+
+    from cm3leon.generation.grid import save_captioned_grid
+
+    images = torch.zeros(5, 3, 32, 32) - 1  # black
+    caps = ["a small red circle at the top left on a blue background"] * 5
+    path = save_captioned_grid(images, caps, tmp_path / "g.png", correct=[True, False, True, True, False], ncol=3)
+    sheet = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    assert sheet.shape[1] == 3 * (192 + 4) + 4 and sheet.shape[0] > 2 * 192  # 3 columns, 2 rows, captions below
+    green = (sheet[..., 1] > 120) & (sheet[..., 0] < 60)
+    red = (sheet[..., 0] > 150) & (sheet[..., 1] < 60)
+    assert green[:, : 196 + 4].any() and red[:, 196 + 4 : 2 * 196 + 4].any()  # tick, then cross
+    with pytest.raises(ValueError, match="as many captions"):
+        save_captioned_grid(images, caps[:2], tmp_path / "bad.png")

@@ -176,7 +176,7 @@ class SampleCallback(L.Callback):
     def evaluate(self, trainer, pl_module) -> dict:
         """Generate, score, save and log the grid; returns the metrics (without the prefix)."""
         from cm3leon.eval.fid import ResizeProtocol, compare_image_sets
-        from cm3leon.generation.grid import save_grid
+        from cm3leon.generation.grid import save_captioned_grid
         from cm3leon.generation.sampling import DecodingConfig
         from cm3leon.generation.tasks import generate_images
         from cm3leon.tokenizers.image_processing import postprocess
@@ -224,22 +224,38 @@ class SampleCallback(L.Callback):
             metrics.update({name: res["frechet"], kd: res["kid_mean"]})
         if "clip_score" in self.metrics:
             metrics["clip_score"] = scorer(list(uint8), captions)["clip_score"]
+        correct = None
         if "caption_acc" in self.metrics:
-            from cm3leon.data.checker import caption_accuracy
+            from cm3leon.data.checker import check
 
             with contextlib.suppress(ValueError):  # not world captions: nothing to check from pixels
-                metrics["caption_acc"] = caption_accuracy(list(uint8), captions)["correct"]
-        # the grid, on disk and to W&B
+                correct = [bool(check(img, cap).correct) for img, cap in zip(uint8, captions)]
+                metrics["caption_acc"] = float(np.mean(correct))
+        # the grid (each caption under its image, ticked or crossed by the checker), on disk and to W&B
         k = min(self.grid_images, len(images))
-        path = save_grid(images[:k], out_dir / f"step_{trainer.global_step:07d}.png")
-        (out_dir / f"step_{trainer.global_step:07d}.json").write_text(json.dumps({"captions": captions[:k], **metrics}))
-        for logger in trainer.loggers:
-            if hasattr(logger, "log_image"):  # WandbLogger
-                logger.log_image(
-                    key=f"{self.prefix}/samples",
-                    images=[str(path)],
-                    caption=[" | ".join(captions[:k])],
-                    step=trainer.global_step,
+        stem = out_dir / f"step_{trainer.global_step:07d}"
+        path = save_captioned_grid(images[:k], captions[:k], f"{stem}.png", None if correct is None else correct[:k])
+        record = {"captions": captions[:k], "correct": None if correct is None else correct[:k], **metrics}
+        Path(f"{stem}.json").write_text(json.dumps(record))
+        step = trainer.global_step
+        for logger in trainer.loggers:  # W&B panels (offline by default; `wandb sync` uploads them)
+            if hasattr(logger, "log_image"):  # WandbLogger: the captioned grid
+                logger.log_image(key=f"{self.prefix}/samples", images=[str(path)], step=step)
+            if hasattr(logger, "log_table"):  # and every sample: image, caption, correct, step
+                logger.log_table(
+                    key=f"{self.prefix}/sample_table",
+                    columns=["image", "caption", "correct", "step"],
+                    data=self._table_rows(uint8, captions, correct, step),
+                    step=step,
                 )
         self.last_metrics, self.last_grid = metrics, path
         return metrics
+
+    @staticmethod
+    def _table_rows(uint8, captions, correct, step: int) -> list[list]:
+        import wandb
+
+        return [
+            [wandb.Image(img), cap, None if correct is None else correct[i], step]
+            for i, (img, cap) in enumerate(zip(uint8, captions))
+        ]
