@@ -114,15 +114,18 @@ def check_output(out_dir: str | Path, overwrite: bool) -> Path:
 
 
 # ---- config and weights ---------------------------------------------------------------------
-def opt_config(cfg: ModelConfig, vocab: Vocab, dtype: torch.dtype = torch.float32):
-    """The `OPTConfig` of our architecture (see the module docstring)."""
+def opt_config(cfg: ModelConfig, vocab: Vocab | None = None, dtype: torch.dtype = torch.float32):
+    """The `OPTConfig` of our architecture (see the module docstring). Without `vocab` (benchmarks
+    of random models): the vocabulary size is the model's and the special ids are the layout's."""
     from transformers import OPTConfig
 
+    from cm3leon.vocab import EOS_ID, PAD_ID
+
     check_exportable(cfg)
-    if cfg.vocab_size != vocab.size:
+    if vocab is not None and cfg.vocab_size != vocab.size:
         raise UsageError(f"model.vocab_size={cfg.vocab_size} differs from the vocabulary's {vocab.size} rows")
     return OPTConfig(
-        vocab_size=vocab.size,
+        vocab_size=cfg.vocab_size,
         hidden_size=cfg.d_model,
         num_hidden_layers=cfg.n_layer,
         num_attention_heads=cfg.n_head,
@@ -138,9 +141,9 @@ def opt_config(cfg: ModelConfig, vocab: Vocab, dtype: torch.dtype = torch.float3
         layer_norm_elementwise_affine=cfg.norm == "layernorm",
         tie_word_embeddings=cfg.tie_embeddings,
         init_std=cfg.init_std,
-        pad_token_id=vocab.pad_id,
-        bos_token_id=vocab.eos_id,  # every CM3Leon sequence starts with </s>, as OPT's do
-        eos_token_id=vocab.eos_id,
+        pad_token_id=PAD_ID if vocab is None else vocab.pad_id,
+        bos_token_id=EOS_ID if vocab is None else vocab.eos_id,  # every CM3Leon sequence starts with </s>, as OPT's do
+        eos_token_id=EOS_ID if vocab is None else vocab.eos_id,
         dtype=str(dtype).removeprefix("torch."),
     )
 

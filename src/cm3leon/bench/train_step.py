@@ -31,33 +31,14 @@ H100_BF16_PEAK_FLOPS = 989e12  # dense bf16, SXM
 
 
 def hf_opt_reference(cfg: ModelConfig):
-    """`OPTForCausalLM` with the dims and the architecture choices of `cfg` (random init)."""
-    try:
-        from transformers import OPTConfig, OPTForCausalLM
-    except ImportError as e:  # pragma: no cover - transformers is in requirements.txt
-        raise RuntimeError("bench_train_step needs `transformers` (pip install -r requirements.txt)") from e
-    hf_cfg = OPTConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.d_model,
-        num_hidden_layers=cfg.n_layer,
-        ffn_dim=cfg.d_ff,
-        num_attention_heads=cfg.n_head,
-        max_position_embeddings=cfg.max_seq_len,
-        word_embed_proj_dim=cfg.d_model,
-        do_layer_norm_before=True,
-        activation_function=cfg.activation,
-        dropout=0.0,
-        attention_dropout=0.0,
-        layerdrop=0.0,
-        enable_bias=False,
-        layer_norm_elementwise_affine=False,
-        tie_word_embeddings=True,
-        init_std=cfg.init_std,
-        pad_token_id=1,
-        bos_token_id=0,
-        eos_token_id=2,
-        use_cache=False,
-    )
+    """`OPTForCausalLM` with the dims and the architecture choices of `cfg` (random init): the
+    export's config (`cm3leon.export_hf.opt_config`), SDPA attention, no cache."""
+    from transformers import OPTForCausalLM
+
+    from cm3leon.export_hf import opt_config
+
+    hf_cfg = opt_config(cfg)
+    hf_cfg.use_cache = False
     hf_cfg._attn_implementation = "sdpa"
     return OPTForCausalLM(hf_cfg)
 
