@@ -382,3 +382,37 @@ def test_flex_refuses_attention_dropout():
     model = CM3LeonLM(cfg).train()
     with pytest.raises(ValueError, match="attn_impl=flex has no attention dropout; set dropout=0 or attn_impl=sdpa"):
         model(torch.zeros(1, 8, dtype=torch.long))
+
+
+@pytest.mark.slow  # ~60 s: two 2-process runs
+def test_packed_stream_positions_of_every_rank_are_saved_and_resumed_under_ddp(tiny_tokens, tmp_path):
+    """DDP (gloo, 2 processes) with split packing: the checkpoint holds both ranks' stream positions
+    (gathered: the file is rank 0's), a 2-rank resume continues, a 1-rank resume is refused."""
+    import torch
+
+    from test_train import run_train, small_run_args
+
+    run = tmp_path / "run"
+    ddp = [
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.precision=32-true",
+        "+trainer.strategy.process_group_backend=gloo",
+        "trainer.limit_val_batches=0",
+        "data.num_workers=1",
+        "data.packing=split",
+        "callbacks.model_checkpoint.every_n_train_steps=2",
+    ]
+    state = {}
+    for steps in (3, 5):
+        proc = run_train(small_run_args(tiny_tokens, run, *ddp, f"trainer.max_steps={steps}", "ckpt_path=last"))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+        assert ckpt["global_step"] == steps
+        state[steps] = ckpt["CM3DataModule"]["stream_positions"]
+        assert sorted(state[steps]) == [0, 1] and all(state[steps][r] for r in (0, 1))
+    for rank in (0, 1):  # each rank's reader moved on from where it stood
+        assert state[5][rank][0][0] > state[3][rank][0][0]
+    proc = run_train(small_run_args(tiny_tokens, run, "data.num_workers=1", "data.packing=split", "ckpt_path=last"))
+    assert proc.returncode == 2 and "2 ranks" in proc.stderr
