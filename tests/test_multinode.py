@@ -22,7 +22,7 @@ import torch
 from omegaconf import OmegaConf
 
 from project import CONF_DIR, PROJECT_ROOT
-from test_resume import n_lines, wait_for
+from test_resume import n_lines, start_train, wait_for
 from test_train import TRAIN, run_train, small_run_args
 
 KEYS = "+callbacks.keys._target_=cm3leon.lit.callbacks.BatchKeysRecorder"
@@ -181,23 +181,7 @@ def test_sigusr1_under_slurm_saves_and_requeues_once(tiny_tokens, tmp_path):
         KEYS,
         "+callbacks.owners._target_=test_multinode.RecordSignalOwners",
     )
-    env = {
-        **os.environ,
-        **slurm,
-        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-        "WANDB_MODE": "offline",
-        "PYTHONWARNINGS": "ignore",
-        "PYTHONPATH": str(Path(__file__).parent),
-        "OMP_NUM_THREADS": "1",
-    }
-    proc = subprocess.Popen(
-        [sys.executable, str(TRAIN), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        cwd=PROJECT_ROOT,
-    )
+    proc = start_train(args, env={**slurm, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"})
     try:
         wait_for(lambda: n_lines(run / "batch_keys.jsonl") >= 3, proc)
         proc.send_signal(signal.SIGUSR1)

@@ -134,29 +134,20 @@ def test_token_budget_sets_max_steps_and_training_logs_real_tokens(tiny_tokens, 
     of 4 x 512), the default callbacks' TokenAccounting and ThroughputMonitor in a real fit."""
     import csv
 
+    from test_train import run_train, small_run_args
+
     run = tmp_path / "run"
-    args = [
-        f"hydra.run.dir={run}",
-        "data.embedded_world=false",
-        f"data.tokens_dir={tiny_tokens}",
-        "data.micro_batch_size=4",
-        "data.val_max_samples=8",
-        "model.n_layer=1",
-        "model.d_model=64",
-        "model.n_head=2",
-        "logger=csv",
-        "~callbacks.samples",
-        "trainer.enable_progress_bar=false",
+    args = small_run_args(
+        tiny_tokens,
+        run,
         "trainer.limit_val_batches=0",
         "trainer.log_every_n_steps=1",
         "trainer.max_steps=null",
         "global_batch_tokens=4096",
         "token_budget=8192",
-    ]
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "src/train.py"), *args], capture_output=True, text=True, env=env, timeout=600
+        callbacks="~callbacks.samples",  # the default callbacks, without the sample grids
     )
+    proc = run_train(args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1])["global_step"] == 2
     rows = [

@@ -39,13 +39,15 @@ class SlowValidation(L.Callback):
         time.sleep(self.seconds)
 
 
-def start_train(args: list[str]) -> subprocess.Popen:
+def start_train(args: list[str], env: dict | None = None) -> subprocess.Popen:
+    """src/train.py in the background (its own process group); `env` adds to the environment."""
     env = {
         **os.environ,
         "WANDB_MODE": "offline",
         "PYTHONWARNINGS": "ignore",
         "PYTHONPATH": str(Path(__file__).parent),
         "OMP_NUM_THREADS": "1",
+        **(env or {}),
     }
     return subprocess.Popen(
         [sys.executable, str(TRAIN), *args],

@@ -86,7 +86,8 @@ def test_missing_shards_fail_fast_with_one_line():
     assert "/nonexistent/shutterstock/train" in lines[0] and "README" in lines[0]
 
 
-def small_run_args(tokens: Path, run_dir: Path, *extra: str) -> list[str]:
+def small_run_args(tokens: Path, run_dir: Path, *extra: str, callbacks: str = "callbacks=minimal") -> list[str]:
+    """A 1-layer run on `tokens` into `run_dir`; `callbacks` picks the callback set (an override)."""
     return [
         f"hydra.run.dir={run_dir}",
         "data.embedded_world=false",
@@ -97,7 +98,7 @@ def small_run_args(tokens: Path, run_dir: Path, *extra: str) -> list[str]:
         "model.d_model=64",
         "model.n_head=2",
         "logger=csv",
-        "callbacks=minimal",
+        callbacks,
         "trainer.enable_progress_bar=false",
         *extra,
     ]

@@ -177,5 +177,4 @@ def pad_fraction(lengths: Iterable[int], seq_len: int, split: bool) -> float:
     rows = list(RowPacker(seq_len, 0, split).rows({"ids": np.zeros(n, dtype=np.int64)} for n in lengths))
     if len(rows) > 1:
         rows = rows[:-1]  # the stream's last row is a finite sample's artefact: a training stream has none
-    real = sum(int(((r.doc_ids[1:] == r.doc_ids[:-1]) & (r.doc_ids[1:] != PAD_DOC)).sum()) for r in rows)
-    return 1.0 - real / (len(rows) * seq_len)
+    return 1.0 - int(stack_rows(rows).target_mask.sum()) / (len(rows) * seq_len)
