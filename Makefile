@@ -68,11 +68,11 @@ world-cfg: install  ## the README's CFG table: train experiment=world_long to 12
 	$(PY) src/eval_table.py $(WORLD_RUN)/eval
 
 SHIPPED_RUN := logs/train/world_shipped
-# bf16 autocast only where the CPU has native bf16 (avx512_bf16 / amx_bf16): without it bf16 matmuls are
-# emulated, ~18x slower than fp32 (measured on a 2-core EPYC without avx512_bf16)
-CPU_PRECISION := $(shell grep -qE 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null && echo bf16-mixed || echo 32-true)
-world-model: install  ## train the world model to ship (issue 17): world_long to 12,000 steps, one schedule (~3.3 h on 2 cores); rerun to resume
-	$(PY) src/train.py experiment=world_long trainer.max_steps=12000 trainer.precision=$(CPU_PRECISION) \
+# bf16 autocast only where the CPU has native bf16 (cm3leon.utils.cpu_training_precision); expanded when
+# the recipe runs, after install
+CPU_PRECISION = $(shell $(PY) -c "from cm3leon.utils import cpu_training_precision as p; print(p())")
+world-model: install  ## train the shipped world model: world_long to 8,000 steps, one schedule (~1.5-2 h on 2 cores); rerun to resume
+	$(PY) src/train.py experiment=world_long trainer.max_steps=8000 trainer.precision=$(CPU_PRECISION) \
 		callbacks.model_checkpoint.every_n_train_steps=500 hydra.run.dir=$(SHIPPED_RUN) ckpt_path=last
 
 WORLD_PAIRED = $(WORLD_RUN)/eval1000

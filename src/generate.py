@@ -1,6 +1,7 @@
 """Sample from a trained CM3Leon checkpoint (PAPER.md section 5).
 
-    python src/generate.py ckpt=RUN/checkpoints/last.ckpt prompt="a large red circle in the top left" n=8
+    python src/generate.py prompt="a large red circle in the top left" n=8     # the shipped world model
+    python src/generate.py ckpt=RUN/checkpoints/last.ckpt prompt="..." n=8     # a run of yours
     python src/generate.py ckpt=... prompt="..." n=8 decoding=cdk          # or topp_cfg (default), mixed
     python src/generate.py ckpt=... prompt="..." decoding.guidance_scale=5 decoding.temperature=0.8
     python src/generate.py ckpt=... prompt="..." rerank.enabled=true     # sort by CLIP score, best.png

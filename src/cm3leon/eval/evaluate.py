@@ -4,13 +4,16 @@
 Steps: (1) check that everything needed is there (feature-extractor weights, data, checkpoint) and
 stop with one line naming what is missing; (2) sample the captions (fixed seed); (3) generate the
 missing images, best of N by CLIP score, over all devices with Lightning predict (images already on
-disk are kept; `cm3leon.eval.generation`); (4) on rank 0 compute the metrics (features of each image
-set cached by content hash) and write `<out_dir>/fid.json`, printing it as one JSON line.
+disk are kept; `cm3leon.eval.generation`; with `keep_samples` every sample and its CLIP scores go
+to `<out_dir>/samples/`); (4) on rank 0 compute the metrics (features of each image set cached by
+content hash), draw the captioned grid `<out_dir>/grid.png` (world: ticked or crossed by the pixel
+checker) and write `<out_dir>/fid.json`, printing it as one JSON line; (5) log it to W&B
+(`cm3leon.eval.wandb_log`; offline under `<out_dir>/wandb` by default).
 
 fid.json records: the metric(s) (coco30k: fid, kid; embedded: fd_tiny_clip, kd_tiny_clip, caption
 accuracy), clip_score, n, evaluator + version, feature extractor + weights hash, resize protocol,
 reference set + hash, decoding settings (+ samples per caption, re-ranking, retrieval: k, memory
-bank, encoder; seed), checkpoint path + sha256.
+bank, encoder; seed), checkpoint path + sha256; and, when made, `grid` (its path) and `samples_dir`.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from cm3leon.errors import UsageError
+from cm3leon.eval.wandb_log import wandb_mode
 
 
 def _container(node) -> dict:
@@ -48,6 +52,10 @@ def preflight(cfg: DictConfig) -> dict:
     out: dict = {}
     if ev.kind not in ("coco", "world"):
         raise UsageError(f"eval.kind={ev.kind!r} is not coco or world")
+    try:
+        wandb_mode(cfg.wandb.mode)  # W&B is logged last: a bad mode must not wait for the generation
+    except ValueError as e:
+        raise UsageError(f"wandb.mode: {e}") from None
     if ev.metric == "inception":
         try:
             out["inception_weights"] = resolve_inception_weights(cfg.fid.inception_weights, bool(cfg.fid.download))
@@ -154,7 +162,10 @@ def _claim_out_dir(out_dir: Path, settings: dict, ckpt_sha: str) -> None:
 
 
 def compute_metrics(cfg: DictConfig, prompts, images_dir: Path, reference, resolved: dict) -> dict:
-    """The metrics of the generated images against the reference set (rank 0)."""
+    """The metrics of the generated images against the reference set (rank 0). Also returns, under
+    "clip_score_per_image", each image's CLIP score (float [n], same definition as clip_score)."""
+    import numpy as np
+
     from cm3leon.eval.clip_score import ClipScorer
     from cm3leon.eval.fid import ImageSet, ResizeProtocol, compute_fid
     from cm3leon.eval.frechet import ClipImageSpace, compute_clip_frechet
@@ -197,10 +208,12 @@ def compute_metrics(cfg: DictConfig, prompts, images_dir: Path, reference, resol
     generated = ImageSet(paths, what="generated images")
     pils = [generated.pil(i) for i in range(len(generated))]
     captions = [p.caption for p in prompts]
-    out.update(ClipScorer(encoder=encoder(ev.clip_score))(pils, captions))
+    scorer = ClipScorer(encoder=encoder(ev.clip_score))
+    cos = scorer.cosines(pils, captions)  # ClipScorer.__call__'s summary, keeping each image's score
+    per_image = 100.0 * np.maximum(cos, 0)
+    out.update(clip_score=float(per_image.mean()), clip_cosine=float(cos.mean()), n=len(cos), **scorer.describe())
+    out["clip_score_per_image"] = per_image.tolist()
     if ev.caption_accuracy:
-        import numpy as np
-
         from cm3leon.data.checker import caption_accuracy
 
         acc = caption_accuracy([np.asarray(im) for im in pils], captions)
@@ -248,6 +261,8 @@ def evaluate(cfg: DictConfig) -> dict:
         "cuda_graph": bool(cfg.cuda_graph),
         "image_tokenizer": cfg.image_tokenizer,
         "text_tokenizer": cfg.text_tokenizer,
+        # not a generation setting: the best image is the same with or without the samples kept
+        "keep_samples": bool(cfg.keep_samples),
     }
     trainer_kwargs = {**_container(cfg.trainer), "enable_progress_bar": bool(cfg.progress)}
     try:
@@ -259,6 +274,7 @@ def evaluate(cfg: DictConfig) -> dict:
     if trainer is not None and not trainer.is_global_zero:
         return {}
     metrics = compute_metrics(cfg, prompts, images_dir, reference, resolved)
+    clip_per_image = metrics.pop("clip_score_per_image")
     resize = metrics.pop("resize")
     ref_hash, gen_hash = metrics.pop("reference_hash"), metrics.pop("generated_hash")
     retrieval = {"k": 0} if not settings["retrieval"]["k"] else settings["retrieval"]
@@ -285,10 +301,56 @@ def evaluate(cfg: DictConfig) -> dict:
         "checkpoint": str(ckpt),
         "checkpoint_sha256": ckpt_sha,
         "images_dir": str(images_dir),
+        **({"samples_dir": str(out_dir / "samples")} if cfg.keep_samples else {}),
         "generated_now": generated_now,
         "reused_images": len(prompts) - generated_now,
         "elapsed_s": round(time.time() - t0, 1),
     }
+    # the first images for the grid and the W&B table, with the checker's verdict (world captions)
+    n_grid = int(cfg.eval.get("grid_images", 0)) if cfg.eval.kind == "world" else 0
+    wandb_on = wandb_mode(cfg.wandb.mode) != "disabled"
+    n_table = int(cfg.wandb.sample_table) if wandb_on else 0
+    pixels, correct = first_images(prompts[: max(n_grid, n_table)], images_dir, check=cfg.eval.kind == "world")
+    if n_grid and pixels:
+        grid = save_grid_png(pixels[:n_grid], [p.caption for p in prompts[:n_grid]], correct, out_dir / "grid.png")
+        result["grid"] = str(grid)
     (out_dir / "fid.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result))
+    if wandb_on:
+        from cm3leon.eval.wandb_log import log_evaluation
+
+        rows = [
+            (pixels[i], p.caption, None if correct is None else correct[i], clip_per_image[i])
+            for i, p in enumerate(prompts[:n_table])
+        ]
+        config = {**settings, "eval": cfg.eval.name, "checkpoint": str(ckpt), "checkpoint_sha256": ckpt_sha}
+        log_evaluation(_container(cfg.wandb), out_dir, config, result, grid=result.get("grid"), rows=rows)
     return result
+
+
+def first_images(prompts, images_dir: Path, check: bool) -> tuple[list, list[bool] | None]:
+    """The prompts' images as uint8 [H, W, 3] arrays and, with `check` (world captions), whether the
+    pixel checker finds each caption in its image (None otherwise). caption_accuracy keeps only its
+    means, so the few images shown are checked again here."""
+    import numpy as np
+    from PIL import Image
+
+    from cm3leon.eval.generation import image_path
+
+    pixels = [np.asarray(Image.open(image_path(images_dir, p.index)).convert("RGB")) for p in prompts]
+    if not check:
+        return pixels, None
+    from cm3leon.data.checker import check as check_image
+
+    return pixels, [bool(check_image(im, p.caption).correct) for im, p in zip(pixels, prompts)]
+
+
+def save_grid_png(pixels: list, captions: list[str], correct: list[bool] | None, path: Path) -> Path:
+    """uint8 [H, W, 3] images with their captions (and ticks/crosses) -> one captioned grid PNG."""
+    import numpy as np
+    import torch
+
+    from cm3leon.generation.grid import save_captioned_grid
+
+    images = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float() / 127.5 - 1  # [N, 3, H, W] in [-1, 1]
+    return save_captioned_grid(images, captions, path, None if correct is None else correct[: len(pixels)])

@@ -10,7 +10,11 @@ sets themselves are in `cm3leon.eval.prompts`).
 
 One PNG per prompt, `images/{index:06d}.png`: the best of `samples_per_caption` samples by CLIP
 score (PAPER.md section 6: 8 samples per caption, CLIP re-ranked), written atomically (temp file +
-rename) so that an interrupted run leaves only complete images, which the next run keeps. Lightning
+rename) so that an interrupted run leaves only complete images, which the next run keeps. With
+`keep_samples=True` every sample is kept too: `samples/{index:06d}_{j:02d}.png` (j = 0..N-1, the
+generation order) and `samples/{index:06d}.json` = {"index", "caption", "clip_scores": the N re-ranking
+scores (null when N = 1: no re-ranking), "best": j of the image in images/}; the json is written last,
+and a prompt counts as done only once it exists (`pending_prompts(..., require_samples=True)`). Lightning
 splits the prompts over all devices and nodes (DistributedSampler); each rank writes its own files.
 Each predict batch is sampled with its own seed (run seed, first prompt index): a run is
 reproducible for a given device count and batch size; other counts draw other (equally valid) samples.
@@ -18,6 +22,7 @@ reproducible for a given device count and batch size; other counts draw other (e
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +38,10 @@ from cm3leon.eval.prompts import (  # noqa: F401
     coco_prompts,
     image_path,
     pending_prompts,
+    prompt_done,
+    sample_path,
+    sample_record_path,
+    samples_dir_of,
     world_prompts,
     world_references,
     write_prompts,
@@ -77,6 +86,13 @@ def save_png_atomic(image, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def save_json_atomic(record: dict, path: Path) -> None:
+    """Write a JSON file via a hidden temp file + rename (never a half-written record)."""
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(record) + "\n")
+    os.replace(tmp, path)
+
+
 class GenerationModule(L.LightningModule):
     """Lightning predict wrapper: prompts -> the best of N samples per prompt as PNG files.
 
@@ -91,6 +107,8 @@ class GenerationModule(L.LightningModule):
         max_rows: samples per model forward (each carries its unconditional stream with CFG).
         precision: auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32.
         image_tokenizer / text_tokenizer: override the tokenizer files recorded in the checkpoint.
+        keep_samples: also write every sample and its scores to `samples/` beside images_dir
+            (`cm3leon.eval.prompts.samples_dir_of`); the best image is the same either way.
     """
 
     def __init__(
@@ -107,6 +125,7 @@ class GenerationModule(L.LightningModule):
         cuda_graph: bool = False,
         image_tokenizer: str | None = None,
         text_tokenizer: str | None = None,
+        keep_samples: bool = False,
     ):
         super().__init__()
         from cm3leon.generation.sampling import DecodingConfig
@@ -127,6 +146,8 @@ class GenerationModule(L.LightningModule):
             "retrieval": dict(retrieval or {}),
         }
         self.images_dir = Path(images_dir)
+        self.keep_samples = bool(keep_samples)
+        self.samples_dir = samples_dir_of(self.images_dir)
         self.seed, self.max_rows, self.cuda_graph = int(seed), int(max_rows), cuda_graph
         self.pipe = None  # loaded on the predict device in on_predict_start
         self.reranker = None
@@ -143,14 +164,17 @@ class GenerationModule(L.LightningModule):
                 self.rerank_cfg["model_name"], str(self.rerank_cfg["pretrained"]), device=str(self.device)
             )
         self.images_dir.mkdir(parents=True, exist_ok=True)
+        if self.keep_samples:
+            self.samples_dir.mkdir(parents=True, exist_ok=True)
 
     def predict_step(self, batch: list[dict], batch_idx: int) -> int:
-        """Generate N samples for each prompt of the batch, keep the best, write it. Returns #written."""
+        """Generate N samples for each prompt of the batch, keep the best, write it (and with
+        keep_samples every sample + its record). Returns #prompts written."""
         from cm3leon.generation.rerank import best_per_prompt
         from cm3leon.generation.tasks import generate_images
         from cm3leon.tokenizers.image_processing import postprocess_pil
 
-        todo = [b for b in batch if not image_path(self.images_dir, b["index"]).is_file()]  # resumable
+        todo = [b for b in batch if not prompt_done(self.images_dir, b["index"], self.keep_samples)]  # resumable
         if not todo:
             return 0
         n, pipe = self.n, self.pipe
@@ -171,10 +195,23 @@ class GenerationModule(L.LightningModule):
         )
         images = postprocess_pil(pipe.image_tokenizer.decode(codes))
         best = np.arange(len(todo)) * n
+        scores = None
         if n > 1:
-            best = best_per_prompt(self.reranker.scores(images, captions), n)
-        for b, i in zip(todo, best.tolist()):
+            scores = self.reranker.scores(images, captions)  # float32 [len(todo) * n], prompt-major
+            best = best_per_prompt(scores, n)
+        for p, (b, i) in enumerate(zip(todo, best.tolist())):
+            if self.keep_samples:  # samples first, the record last: it marks the prompt complete
+                for j in range(n):
+                    save_png_atomic(images[p * n + j], sample_path(self.samples_dir, b["index"], j))
             save_png_atomic(images[i], image_path(self.images_dir, b["index"]))
+            if self.keep_samples:
+                record = {
+                    "index": b["index"],
+                    "caption": b["caption"],
+                    "clip_scores": None if scores is None else [float(x) for x in scores[p * n : (p + 1) * n]],
+                    "best": i - p * n,
+                }
+                save_json_atomic(record, sample_record_path(self.samples_dir, b["index"]))
         self.n_written += len(todo)
         return len(todo)
 
@@ -188,7 +225,7 @@ def generate_missing(
 ) -> tuple[int, L.Trainer | None]:
     """Generate the images of `prompts` that are not on disk (all devices via Lightning predict).
     Returns (prompts that were pending, the trainer or None when nothing was pending)."""
-    pending = pending_prompts(prompts, images_dir)
+    pending = pending_prompts(prompts, images_dir, require_samples=bool(module_kwargs.get("keep_samples")))
     if not pending:
         return 0, None
     module = GenerationModule(images_dir=images_dir, **module_kwargs)

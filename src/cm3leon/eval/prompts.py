@@ -1,5 +1,6 @@
 """Evaluation prompts: the caption sets (MS-COCO, the embedded world), the `prompts.jsonl` record
-and where each prompt's image goes (`images/{index:06d}.png`).
+and where each prompt's files go: its image `images/{index:06d}.png` and, when every sample is kept
+(`keep_samples`), `samples/{index:06d}_{j:02d}.png` (j: generation order) + `samples/{index:06d}.json`.
 
 Kept apart from `cm3leon.eval.generation` (which builds on Lightning) so that tools that only read an
 evaluation folder (`src/eval_paired.py`) import in a second.
@@ -30,9 +31,32 @@ def image_path(images_dir: str | Path, index: int) -> Path:
     return Path(images_dir) / f"{index:06d}.png"
 
 
-def pending_prompts(prompts: Sequence[Prompt], images_dir: str | Path) -> list[Prompt]:
-    """The prompts whose image is not on disk yet."""
-    return [p for p in prompts if not image_path(images_dir, p.index).is_file()]
+def samples_dir_of(images_dir: str | Path) -> Path:
+    """Where the kept samples go: `samples/` beside `images/` (both in the evaluation's out_dir)."""
+    return Path(images_dir).parent / "samples"
+
+
+def sample_path(samples_dir: str | Path, index: int, j: int) -> Path:
+    """Sample j (generation order) of prompt `index`."""
+    return Path(samples_dir) / f"{index:06d}_{j:02d}.png"
+
+
+def sample_record_path(samples_dir: str | Path, index: int) -> Path:
+    """{"index", "caption", "clip_scores", "best"} of prompt `index`: written last (its completion mark)."""
+    return Path(samples_dir) / f"{index:06d}.json"
+
+
+def prompt_done(images_dir: str | Path, index: int, require_samples: bool = False) -> bool:
+    """The prompt's best image is on disk (and, with `require_samples`, its samples record)."""
+    if not image_path(images_dir, index).is_file():
+        return False
+    return not require_samples or sample_record_path(samples_dir_of(images_dir), index).is_file()
+
+
+def pending_prompts(prompts: Sequence[Prompt], images_dir: str | Path, require_samples: bool = False) -> list[Prompt]:
+    """The prompts not done yet (`prompt_done`): a folder made without kept samples and resumed with
+    them regenerates every prompt that lacks its samples record."""
+    return [p for p in prompts if not prompt_done(images_dir, p.index, require_samples)]
 
 
 def write_prompts(prompts: Sequence[Prompt], path: str | Path) -> None:

@@ -66,8 +66,9 @@ def check_checkpoint(path: str | Path | None) -> Path:
     refuse_sharded(p)
     if not p.is_file():
         raise UsageError(
-            f"checkpoint {p} not found: pass ckpt=PATH to an existing .ckpt "
-            "(a training run's checkpoints/last.ckpt; `python src/train.py` makes one)"
+            f"checkpoint {p} not found: pass ckpt=PATH to an existing .ckpt or .safetensors "
+            "(a training run's checkpoints/last.ckpt, `python src/train.py` makes one; the shipped world model: "
+            "`make world-model`)"
         )
     return p
 
