@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: install lint format test test-slow demo data bench eval-fid notebook world-cfg world-cfg-paired tokenizers clean-data help
+.PHONY: install lint format test test-slow demo data bench eval-fid notebook world-model figures world-cfg world-cfg-paired tokenizers clean-data help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -30,8 +30,14 @@ test: install  ## the default test suite (CPU, ~10 min on 2 cores)
 test-slow: install  ## the heavier tests too
 	$(PY) -m pytest -q -m "slow or not slow"
 
-demo: install  ## the main job: train the tiny model on the embedded world, sample images
+# The demo's second half samples the shipped world model (data/shipped/world_lm.safetensors, `make
+# world-model`): 64 validation captions, best of 4 samples by CLIP score, top-p 0.3 with CFG 3.
+SHIPPED_LM := data/shipped/world_lm.safetensors
+DEMO_SAMPLES := logs/demo/shipped_world_model
+demo: install  ## the main job: train the tiny model on the embedded world (~5 min), then sample the shipped world model (~2 min)
 	$(PY) src/train.py
+	$(PY) src/eval_fid.py ckpt=$(SHIPPED_LM) eval=embedded eval.n_captions=64 eval.samples_per_caption=4 \
+		decoding.top_p=0.3 decoding.guidance_scale=3 progress=false out_dir=$(DEMO_SAMPLES)
 
 data: install  ## generate the embedded world and its token shards
 	$(PY) src/make_world.py
@@ -43,7 +49,7 @@ bench: install  ## hot-path benchmarks against their peers, printed as JSON
 gpu-check: install  ## the prepared GPU check (one H100/H200, ~8 min): JSON + Markdown in logs/gpu_check/
 	$(PY) src/gpu_check.py --out logs/gpu_check
 
-notebook: install  ## execute notebooks/evaluate.ipynb headless (needs a training run: make demo); output in logs/notebooks/
+notebook: install  ## execute notebooks/evaluate.ipynb headless (the shipped world model by default); output in logs/notebooks/
 	$(PY) notebooks/execute.py notebooks/evaluate.ipynb
 
 eval-fid: install  ## zero-shot FID (see README "Evaluation"); pass ARGS="ckpt=... eval=coco30k"
@@ -71,9 +77,13 @@ SHIPPED_RUN := logs/train/world_shipped
 # bf16 autocast only where the CPU has native bf16 (cm3leon.utils.cpu_training_precision); expanded when
 # the recipe runs, after install
 CPU_PRECISION = $(shell $(PY) -c "from cm3leon.utils import cpu_training_precision as p; print(p())")
-world-model: install  ## train the shipped world model: world_long to 8,000 steps, one schedule (~1.5-2 h on 2 cores); rerun to resume
+world-model: install  ## train the shipped world model (world_long to 8,000 steps, one schedule, ~1.5-2 h on 2 cores; rerun to resume) and write $(SHIPPED_LM)
 	$(PY) src/train.py experiment=world_long trainer.max_steps=8000 trainer.precision=$(CPU_PRECISION) \
 		callbacks.model_checkpoint.every_n_train_steps=500 hydra.run.dir=$(SHIPPED_RUN) ckpt_path=last
+	$(PY) src/convert_checkpoint.py src=$(SHIPPED_RUN)/checkpoints/step_0008000.ckpt dst=$(SHIPPED_LM)
+
+figures: install  ## the paper's claims in miniature (README "Claims"): docs/figures/*.png; trains the figure models first (hours on CPU), resumes when rerun
+	$(PY) src/figures.py
 
 WORLD_PAIRED = $(WORLD_RUN)/eval1000
 world-cfg-paired: install  ## after world-cfg: CFG 3 vs none, caption by caption, 1,000 val captions x 2 seeds (~20 min)

@@ -118,11 +118,11 @@ def run_figures(args: list[str], timeout: int = 900) -> subprocess.CompletedProc
     )
 
 
-def test_guidance_and_decoding_figures_end_to_end_and_resume(tiny_eval_run, tmp_path):
+def figure_args(tiny_eval_run, tmp_path, figures: str) -> list[str]:
     """A random checkpoint stands in for the shipped model: the numbers mean nothing, the files,
     tests, W&B run and the resume are what is checked."""
-    args = [
-        "figures=[guidance,decoding]",
+    return [
+        f"figures=[{figures}]",
         f"shipped_ckpt={tiny_eval_run['ckpt']}",
         f"out_dir={tmp_path / 'docs'}",
         f"work_dir={tmp_path / 'work'}",
@@ -132,26 +132,26 @@ def test_guidance_and_decoding_figures_end_to_end_and_resume(tiny_eval_run, tmp_
         "decoding_figure.max_samples=2",
         "quiet=true",
     ]
+
+
+def check_outputs(tmp_path, name: str) -> dict:
+    res = json.loads((tmp_path / "docs" / f"{name}.json").read_text())
+    assert (tmp_path / "docs" / f"{name}.png").stat().st_size > 1000
+    assert res["verdict"] in ("reproduced", "mixed", "not reproduced")
+    md = (tmp_path / "docs" / f"{name}.md").read_text()
+    assert res["verdict"].upper() in md and "p = " in md
+    return res
+
+
+def test_guidance_figure_end_to_end_and_resume(tiny_eval_run, tmp_path):
+    args = figure_args(tiny_eval_run, tmp_path, "guidance")
     proc = run_figures(args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = [json.loads(x) for x in proc.stdout.strip().splitlines() if x.startswith("{")]
-    assert [x["figure"] for x in lines] == ["guidance", "decoding"]
-    for name in ("guidance", "decoding"):
-        res = json.loads((tmp_path / "docs" / f"{name}.json").read_text())
-        assert (tmp_path / "docs" / f"{name}.png").stat().st_size > 1000
-        assert res["verdict"] in ("reproduced", "mixed", "not reproduced")
-        md = (tmp_path / "docs" / f"{name}.md").read_text()
-        assert res["verdict"].upper() in md and "p = " in md
-    guidance = json.loads((tmp_path / "docs" / "guidance.json").read_text())
+    assert [x["figure"] for x in lines] == ["guidance"]
+    guidance = check_outputs(tmp_path, "guidance")
     assert [r["guidance_scale"] for r in guidance["rows"]] == [1.0, 2.0]
     assert all(t["n"] == 4 for t in guidance["tests"].values())
-    decoding = json.loads((tmp_path / "docs" / "decoding.json").read_text())
-    assert sorted({(r["strategy"], r["samples"]) for r in decoding["rows"]}) == sorted(
-        (s, n) for s in ("topp", "cdk", "mixed") for n in (1, 2)
-    )
-    # n=1: the mixture is top-p's first sample
-    row = {(r["strategy"], r["samples"]): r for r in decoding["rows"]}
-    assert row[("mixed", 1)]["fd_tiny_clip"] == pytest.approx(row[("topp", 1)]["fd_tiny_clip"])
     assert list((tmp_path / "work" / "wandb").glob("offline-run-*"))
     # rerun: every evaluation is found done, nothing is generated again
     logs = sorted((tmp_path / "work" / "eval").glob("*.log"))
@@ -160,6 +160,19 @@ def test_guidance_and_decoding_figures_end_to_end_and_resume(tiny_eval_run, tmp_
     assert again.returncode == 0, again.stderr[-3000:]
     assert [p.stat().st_size for p in logs] == sizes
     assert json.loads((tmp_path / "docs" / "guidance.json").read_text())["rows"] == guidance["rows"]
+
+
+@pytest.mark.slow  # the guidance figure covers the runner and the report; this adds the kept samples
+def test_decoding_figure_end_to_end(tiny_eval_run, tmp_path):
+    proc = run_figures(figure_args(tiny_eval_run, tmp_path, "decoding"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    decoding = check_outputs(tmp_path, "decoding")
+    assert sorted({(r["strategy"], r["samples"]) for r in decoding["rows"]}) == sorted(
+        (s, n) for s in ("topp", "cdk", "mixed") for n in (1, 2)
+    )
+    # n=1: the mixture is top-p's first sample
+    row = {(r["strategy"], r["samples"]): r for r in decoding["rows"]}
+    assert row[("mixed", 1)]["fd_tiny_clip"] == pytest.approx(row[("topp", 1)]["fd_tiny_clip"])
 
 
 def test_figures_refuses_an_unknown_figure_and_a_missing_shipped_model(tmp_path):

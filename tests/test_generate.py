@@ -97,7 +97,7 @@ def test_missing_checkpoint_is_one_line(tmp_path):
     import generate
 
     with pytest.raises(generate.UsageError, match="no checkpoint given"):
-        run_generate("prompt=x")
+        run_generate("prompt=x", "ckpt=null")
     with pytest.raises(generate.UsageError, match="needs prompt"):
         run_generate(f"ckpt={tmp_path}/none.ckpt")
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -316,6 +317,7 @@ def evaluate(cfg: DictConfig) -> dict:
         result["grid"] = str(grid)
     (out_dir / "fid.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result))
+    print(summary_line(result, out_dir), file=sys.stderr)
     if wandb_on:
         from cm3leon.eval.wandb_log import log_evaluation
 
@@ -326,6 +328,14 @@ def evaluate(cfg: DictConfig) -> dict:
         config = {**settings, "eval": cfg.eval.name, "checkpoint": str(ckpt), "checkpoint_sha256": ckpt_sha}
         log_evaluation(_container(cfg.wandb), out_dir, config, result, grid=result.get("grid"), rows=rows)
     return result
+
+
+def summary_line(result: dict, out_dir: Path) -> str:
+    """One readable line after the JSON: the headline metrics, n, where the images and grid are."""
+    keys = ("caption_accuracy", "fd_tiny_clip", "fid", "kid", "clip_score")
+    metrics = ", ".join(f"{k} {result[k]:.4g}" for k in keys if isinstance(result.get(k), int | float))
+    grid = f"; grid: {result['grid']}" if result.get("grid") else ""
+    return f"[eval_fid] {metrics} on {result['n']} captions -> {out_dir}{grid}"
 
 
 def first_images(prompts, images_dir: Path, check: bool) -> tuple[list, list[bool] | None]:
