@@ -54,7 +54,7 @@ def pick(scores: dict[str, np.ndarray], n: int, strategy: str) -> tuple[np.ndarr
 
 
 def make(ctx: FigureContext) -> dict:
-    cfg, d = ctx.cfg, ctx.cfg.decoding_figure
+    d = ctx.cfg.decoding_figure
     ckpt, n_max = ctx.shipped_ckpt(), int(d.max_samples)
     ref = ctx.reference_features()
     scores, correct, feats = {}, {}, {}
@@ -118,28 +118,18 @@ def make(ctx: FigureContext) -> dict:
     )
     ax_fd.legend()
     n = len(chosen[("topp", 1)][0])
-    result = {
-        "figure": "decoding",
+    text = {
         "title": "Top-p vs CD-K vs their mixture, 1..8 samples re-ranked by CLIP (the paper's Figure 4)",
         "claim": f"Re-ranking more samples helps and the mixture is best (FD), on {n} val captions.",
         "paper": "Figure 4: FID falls as samples grow; mixed TopP/CD-K lowest",
-        "verdict": stats.verdict(list(tests.values()), float(cfg.alpha)),
-        "alpha": float(cfg.alpha),
-        "rows": rows,
-        "tests": tests,
-        "more_tests": more,
-        "settings": {
-            "checkpoint": str(ckpt),
-            "eval": ctx.eval_args(n_max),
-            "strategies": {s: list(d.strategies[s]) for s in STRATEGIES},
-            "max_samples": n_max,
-            "n": n,
-        },
-        "command": "python src/figures.py figures=[decoding]",
     }
-    result = report.write(
-        result, fig, ctx.out_dir, ["strategy", "samples", "caption_accuracy", "accuracy_se", "fd_tiny_clip"]
-    )
+    settings = {
+        "checkpoint": str(ckpt),
+        "eval": ctx.eval_args(n_max),
+        "strategies": {s: list(d.strategies[s]) for s in STRATEGIES},
+        "max_samples": n_max,
+        "n": n,
+    }
+    cols = ["strategy", "samples", "caption_accuracy", "accuracy_se", "fd_tiny_clip"]
     series = [("samples", "fd_tiny_clip", "strategy"), ("samples", "caption_accuracy", "strategy")]
-    report.log_wandb(result, series, cfg.wandb, ctx.work_dir)
-    return result
+    return report.publish(ctx, "decoding", text, rows, tests, settings, fig, cols, series, more_tests=more)

@@ -12,7 +12,7 @@ from cm3leon.figures.runner import FigureContext
 
 
 def make(ctx: FigureContext) -> dict:
-    cfg, g = ctx.cfg, ctx.cfg.guidance
+    g = ctx.cfg.guidance
     ckpt = ctx.shipped_ckpt()
     ref = ctx.reference_features()
     rows, correct, feats = [], {}, {}
@@ -45,24 +45,21 @@ def make(ctx: FigureContext) -> dict:
     ax_fd.plot(xs, [r["fd_tiny_clip"] for r in rows], marker="o", color="C1")
     ax_fd.set(xlabel="guidance weight", ylabel="FD (tiny CLIP)", title="Frechet distance (lower is better)")
     n = len(correct[key])
-    result = {
-        "figure": "guidance",
+    text = {
         "title": "Guidance weight sweep",
         "claim": f"CFG beats no guidance: best weight {w:g} vs 1 on {n} val captions, 1 sample each.",
         "paper": "CFG 3 (demo) / 5 (FID script) sampling; Figure 4's curves are all guided",
-        "verdict": stats.verdict(list(tests.values()), float(cfg.alpha)),
-        "alpha": float(cfg.alpha),
-        "rows": rows,
-        "tests": tests,
-        "settings": {"checkpoint": str(ckpt), "eval": ctx.eval_args(), "decoding": list(g.decoding), "n": n},
-        "command": "python src/figures.py figures=[guidance]",
     }
+    settings = {"checkpoint": str(ckpt), "eval": ctx.eval_args(), "decoding": list(g.decoding), "n": n}
     cols = ["guidance_scale", "caption_accuracy", "accuracy_se", "fd_tiny_clip", "clip_score"]
-    result = report.write(result, fig, ctx.out_dir, cols)
-    report.log_wandb(
-        result,
+    return report.publish(
+        ctx,
+        "guidance",
+        text,
+        rows,
+        tests,
+        settings,
+        fig,
+        cols,
         [("guidance_scale", "caption_accuracy", None), ("guidance_scale", "fd_tiny_clip", None)],
-        cfg.wandb,
-        ctx.work_dir,
     )
-    return result

@@ -10,7 +10,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from cm3leon.figures.stats import p_value
+from cm3leon.figures.stats import p_value, verdict
 from cm3leon.utils import write_json_atomic
 
 
@@ -111,6 +111,37 @@ def log_wandb(result: dict, series: Sequence[tuple[str, str, str | None]], wandb
     for name, t in result["tests"].items():
         run.summary[f"p/{name}"] = p_value(t)
     run.finish()
+
+
+def publish(
+    ctx,
+    name: str,
+    text: dict,
+    rows: list[dict],
+    tests: dict,
+    settings: dict,
+    fig,
+    columns: Sequence[str],
+    series: Sequence[tuple[str, str, str | None]],
+    more_tests: dict | None = None,
+) -> dict:
+    """Judge, write and log one figure: `text` holds its title, claim and the paper's numbers;
+    the verdict comes from `tests` at the configured alpha (`more_tests` are reported only)."""
+    alpha = float(ctx.cfg.alpha)
+    result = {
+        "figure": name,
+        **text,
+        "verdict": verdict(list(tests.values()), alpha),
+        "alpha": alpha,
+        "rows": rows,
+        "tests": tests,
+        "more_tests": more_tests or {},
+        "settings": settings,
+        "command": f"python src/figures.py figures=[{name}]",
+    }
+    result = write(result, fig, ctx.out_dir, columns)
+    log_wandb(result, series, ctx.cfg.wandb, ctx.work_dir)
+    return result
 
 
 def load(out_dir: Path, name: str) -> dict | None:

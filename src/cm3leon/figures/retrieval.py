@@ -58,25 +58,16 @@ def make(ctx: FigureContext) -> dict:
         ax.set_xticks(ks)
     axes[0].legend()
     n = len(a["correct"])
-    result = {
-        "figure": "retrieval",
+    text = {
         "title": "Retrieval augmentation (the paper's Table 1 in miniature)",
         "claim": f"A model trained with retrieval and given {hi} documents beats the same model trained without, "
         f"at the same steps, on {n} val captions.",
         "paper": "CM3Leon-7B FID 10.82 / 5.78 / 4.88 with 0 / 1 / 2 retrieved documents",
-        "verdict": stats.verdict(list(tests.values()), float(cfg.alpha)),
-        "alpha": float(cfg.alpha),
-        "rows": rows,
-        "tests": tests,
-        "more_tests": more,
-        "settings": model_settings(ctx, ("base", "retrieval")),
-        "command": "python src/figures.py figures=[retrieval]",
     }
+    settings = model_settings(ctx, ("base", "retrieval"))
     cols = ["model", "retrieved", "image_nll", "nll_se", "caption_accuracy", "accuracy_se", "fd_tiny_clip"]
-    result = report.write(result, fig, ctx.out_dir, cols)
     series = [
         (x, y, "model")
         for x, y in (("retrieved", "image_nll"), ("retrieved", "caption_accuracy"), ("retrieved", "fd_tiny_clip"))
     ]
-    report.log_wandb(result, series, cfg.wandb, ctx.work_dir)
-    return result
+    return report.publish(ctx, "retrieval", text, rows, tests, settings, fig, cols, series, more_tests=more)

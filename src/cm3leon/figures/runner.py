@@ -120,7 +120,6 @@ class FigureContext:
             f"eval.start={int(e.start)}",
             f"seed={int(self.cfg.eval_seed)}",
             "progress=false",
-            "wandb.mode=disabled",  # the figure logs its own W&B run
         ]
 
     def evaluate(self, ckpt: Path, name: str, overrides: list[str], samples: int = 1) -> dict:

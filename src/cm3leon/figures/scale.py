@@ -13,7 +13,6 @@ from cm3leon.figures.runner import FigureContext
 
 
 def make(ctx: FigureContext) -> dict:
-    cfg = ctx.cfg
     a, b = evaluate_model(ctx, "base"), evaluate_model(ctx, "large")
     ref = ctx.reference_features()
     tests = {
@@ -34,21 +33,21 @@ def make(ctx: FigureContext) -> dict:
         ax.bar(names, [r[key] for r in rows], yerr=None if se is None else [r[se] for r in rows], color=["C0", "C2"])
         ax.set(title=title)
     n = len(a["correct"])
-    result = {
-        "figure": "scale",
+    text = {
         "title": "Scale at the same tokens",
         "claim": f"A {ratio:.1f}x larger model beats the tiny one at the same steps and batches, on {n} val captions.",
         "paper": "CM3Leon-350M FID 14.20 vs 760M 6.61",
-        "verdict": stats.verdict(list(tests.values()), float(cfg.alpha)),
-        "alpha": float(cfg.alpha),
-        "rows": rows,
-        "tests": tests,
-        "settings": model_settings(ctx, ("base", "large")),
-        "command": "python src/figures.py figures=[scale]",
     }
+    settings = model_settings(ctx, ("base", "large"))
     cols = ["model", "params", "image_nll", "nll_se", "caption_accuracy", "accuracy_se", "fd_tiny_clip"]
-    result = report.write(result, fig, ctx.out_dir, cols)
-    report.log_wandb(
-        result, [("params", "image_nll", None), ("params", "caption_accuracy", None)], cfg.wandb, ctx.work_dir
+    return report.publish(
+        ctx,
+        "scale",
+        text,
+        rows,
+        tests,
+        settings,
+        fig,
+        cols,
+        [("params", "image_nll", None), ("params", "caption_accuracy", None)],
     )
-    return result
