@@ -6,6 +6,7 @@
     python src/train.py -m optim.lr=1e-3,3e-3 trainer.max_steps=200     # a sweep, one run folder per job
     python src/train.py hydra.run.dir=DIR ckpt_path=last   # resume DIR (starts fresh when it has no last.ckpt)
     python src/train.py retrieval=ra                     # k retrieved documents before each example
+    python src/train.py experiment=sft_world ckpt_init=data/shipped/world_lm.safetensors   # instruction tuning
 
 Compose, instantiate the DataModule (it prepares its own data: the embedded world and retrieval
 files on first use), the LightningModule, callbacks, loggers and trainer; fit. Everything of a run
@@ -33,10 +34,16 @@ from cm3leon.lit.recipe import accumulation, dry_run, max_steps
 
 def train(cfg: DictConfig) -> dict:
     """Fit the composed run; returns the last metrics with the run folder and step."""
+    from cm3leon.lit.init_from import init_for_run
+
+    # ckpt_init: the architecture and vocabulary layout from the checkpoint, before anything reads them;
+    # the weights to load when the model is built (None: no ckpt_init, or the run resumes)
+    init_from = init_for_run(cfg)
     steps = max_steps(cfg)  # trainer.max_steps, else ceil(token_budget / global_batch_tokens)
     if not cfg.trainer.get("fast_dev_run"):
         check_max_steps(steps)  # the stream is endless: only max_steps ends the run
-    if not cfg.data.embedded_world:  # the user's token shards: missing ones stop here, before Lightning loads
+    # the user's token shards: missing ones stop here, before Lightning loads (SFT data checks its sources itself)
+    if not cfg.data.embedded_world and "sources" not in cfg.data:
         from pathlib import Path
 
         from cm3leon.data.token_shards import load_token_vocab
@@ -49,7 +56,7 @@ def train(cfg: DictConfig) -> dict:
 
     datamodule = hydra.utils.instantiate(cfg.data)
     L.seed_everything(cfg.seed, workers=True)
-    module = hydra.utils.instantiate(cfg.module)
+    module = hydra.utils.instantiate(cfg.module, init_from=init_from)
     os.environ.setdefault("WANDB_MODE", "offline")  # nothing reaches the network unless the user asks
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
@@ -73,6 +80,10 @@ def train(cfg: DictConfig) -> dict:
 @hydra_entry("train", __file__)
 def main(cfg: DictConfig) -> float | None:
     if cfg.dry_run:
+        if cfg.get("ckpt_init"):  # the checkpoint's architecture, as training would build it
+            from cm3leon.lit.init_from import apply_init_config, init_hparams
+
+            apply_init_config(cfg, init_hparams(cfg.ckpt_init))
         print(json.dumps(dry_run(cfg)))
         return None
     return train(cfg).get("val/loss")  # the value Hydra sweepers optimise

@@ -110,16 +110,20 @@ class CM3DataModule(L.LightningDataModule):
                 "data.embedded_world=true needs data.world.out_dir and data.shipped_dir (conf/data/world.yaml)"
             )
         self.neighbours: DocumentSource | None = None  # opened in setup when retrieval is on
+        self._init_stream_state()
+        self.vocab: Vocab | None = None
+        self.meta: dict | None = None
+        if not self.embedded_world:
+            self.load_meta()  # the user's token shards: a missing folder stops here, in one line
+
+    def _init_stream_state(self) -> None:
+        """Where the training stream starts (set by load_state_dict when resuming)."""
         self._start_batch = 0
         # packing: the stream position of every role after the consumed batches (resume), and the
         # positions of recent batches, by global batch index, until a checkpoint needs them
         self._start_positions: dict[int, dict[int, tuple[int, int]]] = {}
         self._recent_positions: dict[int, tuple[int, int, int]] = {}
         self._next_batch = 0
-        self.vocab: Vocab | None = None
-        self.meta: dict | None = None
-        if not self.embedded_world:
-            self.load_meta()  # the user's token shards: a missing folder stops here, in one line
 
     # ---- data: made once, opened per rank --------------------------------------------------
     def prepare_data(self) -> None:

@@ -64,6 +64,8 @@ class CM3LeonLitModule(L.LightningModule):
     data_meta: the token shards' meta.json (tokenizer paths and hashes, tokens per image) and the
         retrieval settings, kept in the checkpoint so that generation and evaluation find the
         matching tokenizers and memory bank (default: the DataModule's `data_meta()`).
+    init_from: a checkpoint whose weights the model starts from when `configure_model` builds it
+        (`ckpt_init`, `cm3leon.lit.init_from`); recorded in the hyperparameters when given.
     """
 
     def __init__(
@@ -73,15 +75,16 @@ class CM3LeonLitModule(L.LightningModule):
         optim: dict | None = None,
         compile: bool = False,
         data_meta: dict | None = None,
+        init_from: str | None = None,
     ):
         super().__init__()
         # plain dicts and lists only (OmegaConf nodes become dicts): the checkpoint then loads with
         # torch.load(weights_only=True), which the inference loader and resume insist on
-        self.save_hyperparameters(
-            to_plain(
-                dict(model=model, vocab=vocab, optim=optim, compile=compile, data_meta=data_meta), "hyperparameters"
-            )
-        )
+        hparams = dict(model=model, vocab=vocab, optim=optim, compile=compile, data_meta=data_meta)
+        if init_from:
+            hparams["init_from"] = str(init_from)
+        self.save_hyperparameters(to_plain(hparams, "hyperparameters"))
+        self.init_from = init_from
         self.optim = dict(self.hparams.optim or {})
         self.vocab: Vocab | None = None
         self.model: CM3LeonLM | None = None
@@ -102,6 +105,10 @@ class CM3LeonLitModule(L.LightningModule):
         meta = self.hparams.get("data_meta") or to_plain(dm.data_meta(), "data_meta")
         self.hparams.update(vocab=vocab.to_dict(), data_meta=meta)
         self._build(vocab)
+        if self.init_from:
+            from cm3leon.lit.init_from import load_init_weights
+
+            load_init_weights(self, self.init_from)
 
     def _build(self, vocab: Vocab) -> None:
         from cm3leon.lit.fsdp2 import is_fsdp2, shard_model
