@@ -97,3 +97,14 @@ def test_sft_configs_compose_with_the_papers_recipe(compose_config):
     world = compose_config("train", ["experiment=sft_world"])
     assert world.ckpt_init.endswith("data/shipped/world_lm.safetensors") and world.data.embedded_world
     assert {s.n_train for s in world.data.sources.values()} == {20000}
+
+
+def test_instruction_tuning_without_a_pretrained_model_is_refused(compose_config, tmp_path):
+    """Forgetting ckpt_init would fine-tune random weights: one line says what to pass."""
+    from cm3leon.errors import UsageError
+    from cm3leon.lit.init_from import init_for_run
+
+    cfg = compose_config("train", ["experiment=sft_paper", f"paths.output_dir={tmp_path}"])
+    with pytest.raises(UsageError, match="ckpt_init=PATH"):
+        init_for_run(cfg)
+    assert init_for_run(compose_config("train", ["experiment=sft_paper", "ckpt_init=scratch"])) is None

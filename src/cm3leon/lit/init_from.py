@@ -108,9 +108,17 @@ def apply_init_config(cfg: DictConfig, hp: Mapping) -> None:
 def init_for_run(cfg: DictConfig) -> str | None:
     """Apply ckpt_init to the composed config (architecture, vocabulary layout); return the path to
     load weights from, or None without ckpt_init or when the run resumes (ckpt_path wins; a note says so)."""
-    if not cfg.get("ckpt_init"):
+    init = cfg.get("ckpt_init")
+    if init == "scratch":
         return None
-    path = str(cfg.ckpt_init)
+    if not init:
+        if "sources" in cfg.data and not cfg.get("dry_run") and resume_checkpoint(cfg) is None:
+            raise UsageError(
+                "instruction tuning starts from a pretrained model: pass ckpt_init=PATH (a .ckpt or .safetensors); "
+                "ckpt_init=scratch trains from random weights"
+            )
+        return None
+    path = str(init)
     hp = init_hparams(path)
     apply_init_config(cfg, hp)
     m = cfg.model

@@ -112,7 +112,15 @@ def expected_real_tokens(cfg: DictConfig, vocab=None) -> dict:
         source = f"paper shapes (no token shards: 1,024 image tokens + {cap} caption tokens per document)"
     lengths, kept = [], []
     for i in range(len(docs) - k):
-        ids, n_kept = build_sequence(docs[i + k], docs[i : i + k], vocab, seq_len)
+        try:
+            ids, n_kept = build_sequence(docs[i + k], docs[i : i + k], vocab, seq_len)
+        except ValueError as e:  # paper-shaped documents in a short context (the world's 512)
+            from cm3leon.errors import UsageError
+
+            raise UsageError(
+                f"dry run: {source} do not fit data.seq_len={seq_len} ({e}); make the token shards first "
+                "(`make data`, or one training run) so the estimate reads their real lengths"
+            ) from None
         lengths.append(len(ids))
         kept.append(n_kept)
     mode = packing_mode(cfg.data.get("packing"))
