@@ -6,12 +6,20 @@
     python src/generate.py ckpt=... prompt="..." decoding.guidance_scale=5 decoding.temperature=0.8
     python src/generate.py ckpt=... prompt="..." rerank.enabled=true     # sort by CLIP score, best.png
     python src/generate.py ckpt=... task=caption image=photo.png         # prints the caption
+    python src/generate.py ckpt=... task=caption image=photo.png caption.describe=true   # "Describe the given picture."
     python src/generate.py ckpt=... task=vqa image=photo.png question="what colour is the circle?"
-    python src/generate.py ckpt=... task=edit image=photo.png prompt="make the circle blue"
+    python src/generate.py ckpt=... task=edit image=photo.png instruction="make the circle blue"   # instruct-CFG
+    python src/generate.py ckpt=... task=control image=edges.png kind=canny prompt="a large red circle ..."
+    python src/generate.py ckpt=... task=grounded prompt="a large red circle ..." boxes="red circle at (3, 3) -> (83, 83)"
     python src/generate.py ckpt=... task=infill image=photo.png infill.region=[4,0,8,8]
 
 Image tasks write every sample (`sample_00.png`, ...), a `grid.png` and `samples.json` (prompt,
 decoding, CLIP scores) into the run folder (`hydra.run.dir=DIR`, default logs/generate/runs/DATE).
+The instruction-tuning tasks (edit, control, grounded, vqa, caption; PAPER.md section 7) prompt
+with the SFT templates (`cm3leon.data.sft_templates`) through `cm3leon.generation.sft`, the
+functions the SFT evaluation calls: edit with instruct-CFG (`edit.image_weight` / `edit.text_weight`,
+1.5 / 7.5), control and grounded with CFG (`decoding.guidance_scale`, 3), vqa and caption by
+infilling; they write `samples.json` (the request, the template text, the outputs) too.
 The tokenizers are the ones recorded in the checkpoint (the token shards' meta.json); override
 with image_tokenizer=... text_tokenizer=.... Retrieval (`conf/retrieval/checkpoint.yaml`): a checkpoint trained with `retrieval=ra` retrieves
 its k documents per prompt by the prompt text from the memory bank it was trained with (recorded
@@ -32,7 +40,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from cm3leon.cli import UsageError, hydra_entry
 
-TASKS = ("image", "caption", "vqa", "edit", "infill")
+TASKS = ("image", "caption", "vqa", "edit", "control", "grounded", "infill")
+SFT_TASKS = ("caption", "vqa", "edit", "control", "grounded")  # prompted with the SFT templates
 
 
 def _open_image(path):
@@ -66,11 +75,11 @@ def check_command_line(cfg: DictConfig):
         raise UsageError(f"task={cfg.task!r} is not one of {TASKS}")
     if int(cfg.n) < 1:
         raise UsageError(f"n={cfg.n} must be >= 1")
-    if cfg.task in ("image", "edit") and not cfg.prompt:
+    if cfg.task == "image" and not cfg.prompt:
         raise UsageError(f'task={cfg.task} needs prompt="..."')
-    if cfg.task == "vqa" and not cfg.question:
-        raise UsageError('task=vqa needs question="..."')
-    if cfg.task != "image":
+    if cfg.task in SFT_TASKS:
+        sft_request(cfg)  # its one-line errors: missing instruction, question, kind, boxes, caption
+    if cfg.task not in ("image", "grounded"):
         _open_image(cfg.image)
     check_checkpoint(cfg.ckpt)
     if cfg.task == "image" and cfg.rerank.enabled:
@@ -81,6 +90,84 @@ def check_command_line(cfg: DictConfig):
         return DecodingConfig.from_dict(OmegaConf.to_container(cfg.decoding, resolve=True))
     except ValueError as e:
         raise UsageError(str(e)) from None
+
+
+def sft_request(cfg: DictConfig):
+    """The command line of an SFT task as an `SftSample` (its target left empty), or a UsageError."""
+    from cm3leon.generation import sft
+
+    task = cfg.task
+    try:
+        if task == "edit":
+            instruction = cfg.get("instruction") or cfg.prompt  # prompt=: the older name, still accepted
+            if not instruction:
+                raise UsageError('task=edit needs instruction="..." (the edit to make)')
+            return sft.edit_request(instruction)
+        if task == "vqa":
+            if not cfg.question:
+                raise UsageError('task=vqa needs question="..."')
+            return sft.vqa_request(cfg.question, str(cfg.vqa.template))
+        if task == "caption":
+            return sft.caption_request(bool(cfg.caption.describe))
+        if not cfg.prompt:
+            raise UsageError(f'task={task} needs prompt="..." (the caption of the image to make)')
+        if task == "control":
+            if not cfg.get("kind"):
+                raise UsageError("task=control needs kind=canny|seg|... (what the control image shows)")
+            return sft.control_request(str(cfg.kind), cfg.prompt)
+        boxes = cfg.get("boxes")
+        if not boxes:
+            raise UsageError(
+                "task=grounded needs boxes=[[NAME,x1,y1,x2,y2],...] or boxes='NAME at (x1, y1) -> (x2, y2), ...'"
+            )
+        boxes = OmegaConf.to_container(boxes, resolve=True) if not isinstance(boxes, str) else boxes
+        return sft.grounded_request(cfg.prompt, boxes)
+    except ValueError as e:
+        raise UsageError(f"task={task}: {e}") from None
+
+
+def _run_sft(cfg: DictConfig, pipe, decoding, out_dir: Path) -> dict:
+    """One SFT task (`cm3leon.generation.sft.sft_generate`): n samples of one request."""
+    import dataclasses
+
+    from cm3leon.data.sft_templates import render_sft_text
+    from cm3leon.generation.grid import save_samples
+    from cm3leon.generation.sft import INPUT_SLOT, sft_generate
+
+    request = sft_request(cfg)
+    n, task = int(cfg.n), cfg.task
+    images = [{INPUT_SLOT[task]: _open_image(cfg.image).convert("RGB")}] * n if task in INPUT_SLOT else [{}] * n
+    out: dict = {"template": request.template, "request": render_sft_text(request)}
+    if task in ("caption", "vqa"):
+        n = n if float(cfg.caption.temperature) > 0 else 1  # greedy: one answer
+        texts = sft_generate(
+            pipe,
+            [request] * n,
+            images[:n],
+            max_len=int(cfg.caption.max_len),
+            temperature=float(cfg.caption.temperature),
+            top_p=cfg.caption.top_p,
+            seed=int(cfg.seed),
+            batch_size=int(cfg.batch_size),
+        )
+        for t in dict.fromkeys(texts):
+            print(t)
+        out.update(image=str(cfg.image), texts=texts)
+    else:
+        if task == "edit":  # instruct-CFG weights (PAPER.md section 5: image 1.5, text 7.5)
+            decoding = dataclasses.replace(
+                decoding, image_weight=float(cfg.edit.image_weight), text_weight=float(cfg.edit.text_weight)
+            )
+        generated = sft_generate(
+            pipe, [request] * n, images, decoding=decoding, seed=int(cfg.seed), batch_size=int(cfg.batch_size)
+        )
+        grid = save_samples(out_dir, generated, task)
+        out.update(n=n, grid=str(grid), decoding=decoding.to_dict())
+        if task != "grounded":
+            out["image"] = str(cfg.image)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "samples.json").write_text(json.dumps({"task": task, **out}, indent=1))
+    return out
 
 
 def run(cfg: DictConfig) -> dict:
@@ -140,42 +227,8 @@ def run(cfg: DictConfig) -> dict:
             clip_scores=scores,
         )
         (out_dir / "samples.json").write_text(json.dumps(summary, indent=1))
-    elif cfg.task in ("caption", "vqa"):
-        codes = image_tok.encode([_open_image(cfg.image)])
-        if cfg.task == "caption":
-            before = text_tok.encode(cfg.caption.prefix) if cfg.caption.prefix else []
-            after: list[int] = []
-        else:
-            before, after = text_tok.encode(f"Question: {cfg.question} Answer:"), text_tok.encode(".")
-        n = n if float(cfg.caption.temperature) > 0 else 1  # greedy: one answer
-        ids = tasks.caption_images(
-            pipe.model,
-            pipe.vocab,
-            codes.repeat(n, 1),
-            text_before=before,
-            text_after=after,
-            max_len=int(cfg.caption.max_len),
-            temperature=float(cfg.caption.temperature),
-            top_p=cfg.caption.top_p,
-            seed=seed,
-        )
-        texts = [text_tok.decode(t).strip() for t in ids]
-        summary.update(image=str(cfg.image), texts=texts)
-        for t in dict.fromkeys(texts):
-            print(t)
-    elif cfg.task == "edit":
-        src = image_tok.encode([_open_image(cfg.image)])
-        codes = tasks.edit_images(
-            pipe.model,
-            pipe.vocab,
-            text_tok.encode(cfg.edit.prefix),
-            src.repeat(n, 1),
-            [text_tok.encode(cfg.prompt)] * n,
-            decoding=decoding,
-            seed=seed,
-        )
-        grid = save_samples(out_dir, image_tok.decode(codes), "edit")
-        summary.update(prompt=cfg.prompt, image=str(cfg.image), grid=str(grid), decoding=decoding.to_dict())
+    elif cfg.task in SFT_TASKS:
+        summary.update(_run_sft(cfg, pipe, decoding, out_dir))
     else:  # infill
         src = image_tok.encode([_open_image(cfg.image)])
         g = image_tok.latent_size

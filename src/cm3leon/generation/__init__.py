@@ -2,6 +2,7 @@
 
     pipeline.py  load_pipeline(ckpt, device, precision, ...): model, vocab, tokenizers, retriever
     tasks.py     generate_images, edit_images, caption_images, infill_images, generate
+    sft.py       the instruction-tuning tasks (edit, control, grounded, vqa, caption) from SFT templates' prompts
     session.py   DecodeSession: batched prefill + KV-cached decode steps (CUDA graph, compile)
     sampling.py  logit processors, DecodingConfig, Picker (CFG, instruct-CFG, CD-K, top-p/top-k)
     rerank.py    CLIP re-ranking of N samples per prompt

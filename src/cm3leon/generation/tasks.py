@@ -3,6 +3,7 @@
     generate_images(model, vocab, captions_ids, tokens_per_image, decoding=DecodingConfig(...))
     edit_images(...)        instruct-CFG, three streams (editing)
     caption_images(...)     image -> text by infilling `<sentinel:0> ... <eoss>` (captioning, VQA)
+    infill_text(...)        the same from ready prompts, one per row (the SFT tasks, `generation.sft`)
     infill_images(...)      regenerate masked runs of image codes
     generate(...)           plain continuation of id prompts
 
@@ -197,6 +198,26 @@ def caption_images(
         )
         for i in range(codes.shape[0])
     ]
+    return infill_text(
+        model, vocab, prompts, max_len=max_len, temperature=temperature, top_p=top_p, seed=seed, generator=generator
+    )
+
+
+@torch.inference_mode()
+def infill_text(
+    model: CM3LeonLM,
+    vocab: Vocab,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_len: int = 48,
+    temperature: float = 0.0,
+    top_p: float | None = None,
+    seed: int = 0,
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:
+    """The text span of infilling prompts ending in `<sentinel:0>` (`caption_prompt`, or
+    `sft_templates.sft_prompt` of a text-target sample: one prompt per row, any lengths), generated
+    until `<eoss>` (at most max_len tokens; text ids and <eoss> only) -> N lists of BPE ids."""
     session = DecodeSession(model, prompts, 1, max_len)
     picker = Picker(DecodingConfig(temperature=temperature, top_p=top_p), _generator(model, seed, generator))
     allowed = id_mask(
