@@ -129,6 +129,8 @@ def figure_args(tiny_eval_run, tmp_path, figures: str) -> list[str]:
         f"cache_dir={tmp_path / 'cache'}",
         "eval.n_captions=4",
         "guidance.weights=[1,2]",
+        "guidance.test_weight=2",
+        "guidance.top_ps=[0.3]",
         "decoding_figure.max_samples=2",
         "quiet=true",
     ]

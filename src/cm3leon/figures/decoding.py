@@ -116,6 +116,7 @@ def make(ctx: FigureContext) -> dict:
     ax_acc.set(
         xlabel="samples per prompt (best by CLIP)", ylabel="caption accuracy", title="accuracy (higher is better)"
     )
+    ax_fd.set_yscale("log")  # CD-K's distances are ~10x the others'
     ax_fd.legend()
     n = len(chosen[("topp", 1)][0])
     text = {

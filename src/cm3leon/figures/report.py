@@ -70,19 +70,26 @@ def markdown(result: dict, columns: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def write(result: dict, fig, out_dir: Path, columns: Sequence[str]) -> dict:
-    """Write the PNG, JSON and Markdown of `result` (its 'figure' names the files); returns it with paths."""
+def write(result: dict, fig, out_dir: Path, columns: Sequence[str], root: Path | None = None) -> dict:
+    """Write the PNG, JSON and Markdown of `result` (its 'figure' names the files); returns it with
+    their paths (relative to `root`, the checkout, when they are inside it: the README links them)."""
     name = result["figure"]
     out_dir.mkdir(parents=True, exist_ok=True)
-    result = {**result, "png": str(out_dir / f"{name}.png"), "json": str(out_dir / f"{name}.json")}
-    save_png(fig, Path(result["png"]))
+
+    def shown(path: Path) -> str:
+        return os.path.relpath(path, root) if root and path.resolve().is_relative_to(root.resolve()) else str(path)
+
+    result = {**result, "png": shown(out_dir / f"{name}.png"), "json": shown(out_dir / f"{name}.json")}
+    save_png(fig, out_dir / f"{name}.png")
     result["markdown"] = markdown(result, columns)
-    write_json_atomic(Path(result["json"]), result, indent=1)
+    write_json_atomic(out_dir / f"{name}.json", result, indent=1)
     (out_dir / f"{name}.md").write_text(result["markdown"])
     return result
 
 
-def log_wandb(result: dict, series: Sequence[tuple[str, str, str | None]], wandb_cfg, work_dir: Path) -> None:
+def log_wandb(
+    result: dict, series: Sequence[tuple[str, str, str | None]], wandb_cfg, work_dir: Path, png: Path
+) -> None:
     """One W&B run per figure (job_type figure): a table of the points, one line panel per
     (x, y, stroke) series, the PNG, and the verdict and test p-values as summary."""
     mode = os.environ.get("WANDB_MODE") or str(wandb_cfg.mode)
@@ -102,7 +109,7 @@ def log_wandb(result: dict, series: Sequence[tuple[str, str, str | None]], wandb
     )
     columns = sorted({k for r in result["rows"] for k in r})
     table = wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in result["rows"]])
-    panels = {f"{result['figure']}/points": table, f"{result['figure']}/figure": wandb.Image(result["png"])}
+    panels = {f"{result['figure']}/points": table, f"{result['figure']}/figure": wandb.Image(str(png))}
     for x, y, stroke in series:
         title = f"{result['figure']}: {y} vs {x}"
         panels[f"{result['figure']}/{y}_vs_{x}"] = wandb.plot.line(table, x, y, stroke=stroke, title=title)
@@ -139,8 +146,8 @@ def publish(
         "settings": settings,
         "command": f"python src/figures.py figures=[{name}]",
     }
-    result = write(result, fig, ctx.out_dir, columns)
-    log_wandb(result, series, ctx.cfg.wandb, ctx.work_dir)
+    result = write(result, fig, ctx.out_dir, columns, root=ctx.root)
+    log_wandb(result, series, ctx.cfg.wandb, ctx.work_dir, ctx.out_dir / f"{name}.png")
     return result
 
 
