@@ -16,6 +16,13 @@ os.environ.setdefault("PROJECT_ROOT", str(PROJECT_ROOT))
 register_configs()
 
 
+@pytest.fixture(autouse=True)
+def _no_shared_wandb_service(monkeypatch):
+    """Tests that log to W&B in-process leave WANDB_SERVICE in os.environ; scripts started as
+    subprocesses would then share that service, where a resumed run's id is still in use."""
+    monkeypatch.delenv("WANDB_SERVICE", raising=False)
+
+
 @pytest.fixture
 def compose_config():
     """`compose_config(name, overrides)`: a script's config (conf/<name>.yaml) as Hydra composes it

@@ -24,7 +24,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from cm3leon.errors import UsageError
-from cm3leon.utils import write_json_atomic
+from cm3leon.utils import child_env, write_json_atomic
 
 
 def _plain(node) -> list | dict:
@@ -49,7 +49,9 @@ class FigureContext:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         self.log(f"[figures] {' '.join(cmd[1:])}  (log: {log_file})")
         with open(log_file, "a") as log:
-            proc = subprocess.Popen(cmd, cwd=self.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            proc = subprocess.Popen(
+                cmd, cwd=self.root, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
             for line in proc.stdout:
                 log.write(line)
                 if not self.cfg.quiet:
