@@ -317,7 +317,6 @@ def evaluate(cfg: DictConfig) -> dict:
         result["grid"] = str(grid)
     (out_dir / "fid.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result))
-    print(summary_line(result, out_dir), file=sys.stderr)
     if wandb_on:
         from cm3leon.eval.wandb_log import log_evaluation
 
@@ -327,6 +326,7 @@ def evaluate(cfg: DictConfig) -> dict:
         ]
         config = {**settings, "eval": cfg.eval.name, "checkpoint": str(ckpt), "checkpoint_sha256": ckpt_sha}
         log_evaluation(_container(cfg.wandb), out_dir, config, result, grid=result.get("grid"), rows=rows)
+    print(summary_line(result, out_dir), file=sys.stderr)  # last: W&B prints its own summary before it
     return result
 
 
