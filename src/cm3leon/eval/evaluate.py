@@ -141,18 +141,19 @@ def settings_hash(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
-def _claim_out_dir(out_dir: Path, settings: dict, ckpt_sha: str) -> None:
-    """Record what the images in out_dir are made with; refuse a folder made with something else
-    (resuming there would mix samples of two settings). Batch sizes and device counts change only
-    which random draws are made, not the distribution, so they may differ between resumed runs."""
-    record = {"checkpoint_sha256": ckpt_sha, **settings}
+def claim_out_dir(out_dir: Path, settings: dict, ckpt_sha: str, what: str = "images") -> None:
+    """Record what the files in out_dir are made with (out_dir/settings.json); refuse a folder made
+    with something else (resuming there would mix `what` of two settings). Batch sizes and device
+    counts change only which random draws are made, not the distribution, so they may differ between
+    resumed runs."""
+    record = json.loads(json.dumps({"checkpoint_sha256": ckpt_sha, **settings}))
     path = out_dir / "settings.json"
     if path.is_file():
         old = json.loads(path.read_text())
-        if old != json.loads(json.dumps(record)):
-            diff = sorted(k for k in set(old) | set(record) if old.get(k) != json.loads(json.dumps(record)).get(k))
+        if old != record:
+            diff = sorted(k for k in set(old) | set(record) if old.get(k) != record.get(k))
             raise UsageError(
-                f"{out_dir} holds images made with other settings ({', '.join(diff)} differ); "
+                f"{out_dir} holds {what} made with other settings ({', '.join(diff)} differ); "
                 "pass another out_dir=DIR or leave out_dir unset"
             )
         return
@@ -247,7 +248,7 @@ def evaluate(cfg: DictConfig) -> dict:
         else (Path(cfg.paths.log_dir) / "eval_fid" / cfg.eval.name / f"{ckpt_sha[:12]}-{settings_hash(settings)[:10]}")
     )
     images_dir = out_dir / "images"
-    _claim_out_dir(out_dir, settings, ckpt_sha)
+    claim_out_dir(out_dir, settings, ckpt_sha)
     write_prompts(prompts, out_dir / "prompts.jsonl")
 
     module_kwargs = {

@@ -46,6 +46,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cm3leon.data.sft_world import SFT_TASKS, SPLITS
 from cm3leon.errors import UsageError
+from cm3leon.eval.evaluate import claim_out_dir
 
 IMAGE_TASKS = ("edit", "control", "grounded")
 TEXT_TASKS = ("vqa", "caption")
@@ -218,25 +219,6 @@ def settings_of(cfg: DictConfig) -> dict:
 
 def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
-
-
-def claim_out_dir(out_dir: Path, settings: dict, ckpt_sha: str) -> None:
-    """Record the settings in out_dir/settings.json; refuse a folder made with other ones."""
-    record = json.loads(json.dumps({"checkpoint_sha256": ckpt_sha, **settings}))
-    path = out_dir / "settings.json"
-    if path.is_file():
-        old = json.loads(path.read_text())
-        if old != record:
-            diff = sorted(k for k in set(old) | set(record) if old.get(k) != record.get(k))
-            raise UsageError(
-                f"{out_dir} holds outcomes made with other settings ({', '.join(diff)} differ); "
-                "pass another out_dir=DIR or leave out_dir unset"
-            )
-        return
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f".settings.json.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 def read_outcomes(path: Path) -> dict[int, dict]:
@@ -461,7 +443,7 @@ def evaluate(cfg: DictConfig) -> dict:
         if cfg.out_dir
         else Path(str(cfg.paths.log_dir)) / "eval_sft" / f"{ckpt_sha[:12]}-{_hash(settings)[:10]}"
     )
-    claim_out_dir(out_dir, settings, ckpt_sha)
+    claim_out_dir(out_dir, settings, ckpt_sha, what="outcomes")
     pipe = load_pipeline(
         ckpt, resolve_device(str(cfg.device)), str(cfg.precision), cfg.image_tokenizer, cfg.text_tokenizer, {"k": 0}
     )
