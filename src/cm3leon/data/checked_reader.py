@@ -99,6 +99,17 @@ def count_skip(skipped: Counter, reason: str, where: str) -> None:
     log.debug("skipped %s: %s", where, reason)
 
 
+def merge_skips(stats: list[dict]) -> tuple[Counter, dict[str, list[str]]]:
+    """Skip counts and example places of several shards' stats (their `skipped` and
+    `skipped_where`), the places capped at SkipCounter.MAX_EXAMPLES per reason, for one report."""
+    skipped, where = Counter(), {}
+    for s in stats:
+        skipped.update(s["skipped"])
+        for reason, places in s.get("skipped_where", {}).items():
+            where.setdefault(reason, []).extend(places[: SkipCounter.MAX_EXAMPLES - len(where.get(reason, []))])
+    return skipped, where
+
+
 def open_text_table(path: str | os.PathLike):
     """Open a CSV or JSONL file as text without failing on bytes that are not UTF-8: they are kept as
     lone surrogates (`surrogateescape`), so `decode_caption` skips the rows that hold them and the

@@ -21,7 +21,6 @@ import json
 import multiprocessing as mp
 import os
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import torch
 import webdataset as wds
 from tqdm import tqdm
 
-from cm3leon.data.checked_reader import SKIP_REASONS, SkipCounter, iter_raw_samples
+from cm3leon.data.checked_reader import SKIP_REASONS, SkipCounter, iter_raw_samples, merge_skips
 from cm3leon.data.raw_shards import list_shards
 from cm3leon.data.token_shards import REPORT_FILE, TokenSample, encode_sample, read_meta, write_meta
 from cm3leon.errors import UsageError
@@ -290,11 +289,7 @@ def preprocess_split(
 
     all_stats = plan.reused + done
     check_unique_keys(all_stats)  # before report.json: an unfinished report marks the split as not done
-    skipped, where = Counter(), {}
-    for s in all_stats:
-        skipped.update(s["skipped"])
-        for reason, places in s.get("skipped_where", {}).items():
-            where.setdefault(reason, []).extend(places[: SkipCounter.MAX_EXAMPLES - len(where.get(reason, []))])
+    skipped, where = merge_skips(all_stats)
     report = {
         "raw": str(raw),
         "out_dir": str(out_dir),

@@ -40,7 +40,6 @@ import multiprocessing as mp
 import os
 import re
 import time
-from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,7 +48,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from cm3leon.data.checked_reader import SkipCounter, count_skip
+from cm3leon.data.checked_reader import SkipCounter, count_skip, merge_skips
 from cm3leon.data.preprocess import PreprocessConfig, ShardTokenizer, _tokenizer_meta, other_tokenizer
 from cm3leon.data.raw_shards import SHARD_PATTERN
 from cm3leon.data.sft_files import (
@@ -469,11 +468,7 @@ class SftShardMaker:
         mine = {s["shard"]: s for s in plan.reused}
         mine.update({Path(j.out_path).name: done[j.out_path] for j in plan.jobs})
         all_stats = [mine[name] for name in plan.names]
-        skipped, where = Counter(), {}
-        for s in all_stats:
-            skipped.update(s["skipped"])
-            for reason, places in s.get("skipped_where", {}).items():
-                where.setdefault(reason, []).extend(places[: SkipCounter.MAX_EXAMPLES - len(where.get(reason, []))])
+        skipped, where = merge_skips(all_stats)
         report = {
             "format_version": FORMAT_VERSION,
             "source": asdict(plan.source),

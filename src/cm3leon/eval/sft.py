@@ -47,6 +47,7 @@ from omegaconf import DictConfig, OmegaConf
 from cm3leon.data.sft_world import SFT_TASKS, SPLITS
 from cm3leon.errors import UsageError
 from cm3leon.eval.evaluate import claim_out_dir
+from cm3leon.eval.generation import save_png_atomic
 
 IMAGE_TASKS = ("edit", "control", "grounded")
 TEXT_TASKS = ("vqa", "caption")
@@ -311,7 +312,7 @@ def run_task(cfg: DictConfig, pipe, task: str, out_dir: Path, majority: dict | N
             pixels = postprocess(images)  # uint8 [B, H, W, 3]
             rows = []
             for s, px in zip(chunk, pixels):
-                Image.fromarray(px).save(image_file(task_dir, s.index))
+                save_png_atomic(Image.fromarray(px), image_file(task_dir, s.index))  # never half-written
                 rows.append(
                     {
                         "index": s.index,
