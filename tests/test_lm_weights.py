@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_weights_file_loads_the_same_model_and_moves_with_its_tokenizers(tiny_eval_run, tmp_path):
     from safetensors import safe_open
 
+    from cm3leon.lit.init_from import init_hparams
     from cm3leon.lm_weights import save_lm_weights
 
     ckpt = tiny_eval_run["ckpt"]
@@ -47,6 +48,8 @@ def test_weights_file_loads_the_same_model_and_moves_with_its_tokenizers(tiny_ev
     for key in ("image_tokenizer", "text_tokenizer"):
         assert Path(meta2[key]["path"]) == (moved / Path(meta[key]["path"]).name).resolve()
         assert checkpoint_meta(moved / "lm.safetensors")[key]["path"] == meta2[key]["path"]
+        # instruction tuning reads the same header (ckpt_init, make_sft_shards ckpt=)
+        assert init_hparams(moved / "lm.safetensors")["data_meta"][key]["path"] == meta2[key]["path"]
     idx = torch.randint(4, 100, (2, 12))
     torch.testing.assert_close(model(idx), ref(idx), atol=0, rtol=0)  # fp32: the same weights exactly
 

@@ -80,15 +80,17 @@ def save_lm_weights(ckpt: str | Path, dst: str | Path, dtype: str = "bfloat16") 
     return dst
 
 
-def read_lm_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(state dict in fp32, {'model', 'vocab', 'data_meta', 'global_step'}) of a weights file."""
+def read_lm_weights(path: str | Path, tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state dict in fp32, {'model', 'vocab', 'data_meta', 'global_step'}) of a weights file;
+    tensors=False reads the header only (the state dict is then empty). Tokenizer paths come back
+    absolute (resolved against the file's folder)."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             header = json.loads((f.metadata() or {}).get("cm3leon", "{}"))
-            state = {k: f.get_tensor(k).float() for k in f.keys()}  # noqa: SIM118 (a safe_open handle)
+            state = {k: f.get_tensor(k).float() for k in f.keys()} if tensors else {}  # noqa: SIM118
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # not a safetensors file, or truncated
         raise UsageError(f"weights file {path} is not readable ({' '.join(str(e).split())[:160]})") from None
     if header.get("format") != FORMAT:

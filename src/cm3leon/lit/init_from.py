@@ -22,7 +22,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -47,13 +46,9 @@ def init_hparams(path: str | Path) -> dict:
         )
     path = check_checkpoint(path)
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
+        from cm3leon.lm_weights import read_lm_weights
 
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                hp = json.loads((f.metadata() or {}).get("cm3leon", "{}")).get("hyper_parameters") or {}
-        except Exception as e:  # not a safetensors file, or truncated
-            raise UsageError(f"ckpt_init={path} is not readable ({' '.join(str(e).split())[:160]})") from None
+        hp = read_lm_weights(path, tensors=False)[1]  # tokenizer paths resolved against the file's folder
     else:
         from cm3leon.safe_load import load_weights_only
 
