@@ -25,7 +25,8 @@ with image_tokenizer=... text_tokenizer=.... Retrieval (`conf/retrieval/checkpoi
 its k documents per prompt by the prompt text from the memory bank it was trained with (recorded
 in the checkpoint); `retrieval.k=K` and `retrieval.dir=<tokens>/retrieval` (a memory bank of
 `python src/build_index.py`) choose others, `retrieval=none` none. Retrieved documents go before
-the prompt and stay in the unconditional stream.
+the prompt and stay in the unconditional stream. The SFT tasks retrieve by the prompt's text
+(instruction, caption or question; captioning has none); infilling retrieves nothing.
 
 Everything is loaded by `cm3leon.generation.load_pipeline`; this script checks the command line,
 runs one task of `cm3leon.generation.tasks` and writes the results.
@@ -182,7 +183,8 @@ def run(cfg: DictConfig) -> dict:
 
     device = resolve_device(cfg.device)
     torch.set_num_threads(min(torch.get_num_threads(), int(cfg.cpu_threads)))
-    retrieval = OmegaConf.to_container(cfg.retrieval, resolve=True) if cfg.task == "image" else {"k": 0}
+    # image and SFT prompts retrieve by their text (SFT: `retrieval_query`); infilling retrieves nothing
+    retrieval = OmegaConf.to_container(cfg.retrieval, resolve=True) if cfg.task != "infill" else {"k": 0}
     pipe = load_pipeline(cfg.ckpt, device, cfg.precision, cfg.image_tokenizer, cfg.text_tokenizer, retrieval)
     image_tok, text_tok = pipe.image_tokenizer, pipe.text_tokenizer
     out_dir = Path(cfg.out_dir) if cfg.out_dir else Path(HydraConfig.get().runtime.output_dir)

@@ -60,6 +60,26 @@ def tiny_tokens(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_bank(tiny_tokens, tmp_path_factory) -> Path:
+    """A memory bank over the small world's train split (shipped tiny CLIP, exact index): a
+    `build_index.py` folder, the retrieval.dir of retrieval=ra with k=2."""
+    from cm3leon.retrieval.neighbours import build_retrieval
+    from cm3leon.retrieval.tiny_clip import TINY_CLIP
+    from project import SHIPPED_DIR
+
+    bank = tmp_path_factory.mktemp("bank") / "retrieval"
+    ra = {
+        "k": 2,
+        "dir": str(bank),
+        "query_splits": ["train"],
+        "index": {"kind": "flat"},
+        "encoder": {"model_name": TINY_CLIP, "pretrained": str(SHIPPED_DIR / "world_clip.pt"), "device": "cpu"},
+    }
+    build_retrieval(ra, tiny_tokens, progress=False)
+    return bank
+
+
+@pytest.fixture(scope="session")
 def tiny_eval_run(tmp_path_factory) -> dict:
     """{'ckpt', 'clip', 'vqgan', 'root'}: a random checkpoint and a random tiny CLIP on disk."""
     root = tmp_path_factory.mktemp("eval_run")

@@ -14,22 +14,11 @@ from project import SHIPPED_DIR
 
 
 @pytest.fixture(scope="module")
-def ra_run(tiny_tokens, tiny_eval_run, tmp_path_factory) -> dict:
-    """A memory bank over the tiny world's train split (shipped tiny CLIP, exact index) and a random
-    checkpoint that records it as the bank it was trained with (as train.py does with retrieval=ra)."""
-    from cm3leon.retrieval.neighbours import build_retrieval
-    from cm3leon.retrieval.tiny_clip import TINY_CLIP
-
+def ra_run(tiny_bank, tiny_eval_run, tmp_path_factory) -> dict:
+    """The tiny world's memory bank and a random checkpoint that records it as the bank it was
+    trained with (as train.py does with retrieval=ra)."""
     root = tmp_path_factory.mktemp("eval_ra")
-    bank = root / "retrieval"
-    ra = {
-        "k": 2,
-        "dir": str(bank),
-        "query_splits": ["train"],
-        "index": {"kind": "flat"},
-        "encoder": {"model_name": TINY_CLIP, "pretrained": str(SHIPPED_DIR / "world_clip.pt"), "device": "cpu"},
-    }
-    build_retrieval(ra, tiny_tokens, progress=False)
+    bank = tiny_bank
     ckpt = make_tiny_lm(
         root / "ra.ckpt", SHIPPED_DIR / "world_vqgan.ckpt", max_seq_len=384, retrieval={"k": 2, "folder": str(bank)}
     )

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from cm3leon.data.sequences import Document, build_sequence, document_ids, pad_batch
+from cm3leon.data.sequences import Document, build_sequence, document_ids, insert_retrieved, pad_batch
 from cm3leon.vocab import EOS_ID, PAD_ID, Vocab
 
 V = Vocab(text_size=300, n_image_codes=64, n_sentinels=8)
@@ -58,6 +58,26 @@ def test_query_caption_truncated_never_the_image():
     assert V.is_image(ids).sum() == 16
     with pytest.raises(ValueError, match="seq_len"):
         build_sequence(doc(20), [], V, seq_len=18)
+
+
+@pytest.mark.parametrize("seq_len", [200, 120, 60])
+def test_insert_retrieved_lays_documents_out_as_build_sequence(seq_len):
+    """Documents put into a built sequence land where build_sequence puts them, the farthest dropped
+    first when they do not fit; the target mask is carried along (the documents are never targets)."""
+    q, docs = doc(5, start=20), [doc(3, start=40), doc(4, start=60)]
+    alone, _ = build_sequence(q, [], V, seq_len=seq_len)
+    mask = np.zeros(len(alone), dtype=bool)
+    mask[-17:-1] = True  # the query image
+    ids, out_mask, kept = insert_retrieved(alone, mask, docs, V, seq_len)
+    want, want_kept = build_sequence(q, docs, V, seq_len=seq_len)
+    assert kept == want_kept and np.array_equal(ids, want) and len(ids) <= seq_len
+    assert len(out_mask) == len(ids) and out_mask.sum() == 16 and np.array_equal(ids[out_mask], alone[mask])
+    assert insert_retrieved(alone, None, [], V, seq_len)[0] is alone
+
+
+def test_insert_retrieved_needs_a_built_sequence():
+    with pytest.raises(ValueError, match="must open with </s>"):
+        insert_retrieved(np.array([20, 21]), None, [doc(3)], V, 100)
 
 
 def test_pad_batch():

@@ -4,6 +4,7 @@ exact resume of the SFT stream."""
 import functools
 import json
 import re
+import shutil
 from itertools import islice
 
 import numpy as np
@@ -178,6 +179,51 @@ def test_examples_are_cm3_transformed_or_infilled(sft_tokens):
     assert any(vocab.is_sentinel(e["ids"]).any() for e in masked)  # CM3 spans on image-target examples
     plain = datamodule(sft_tokens, cm3=False, infill_rate=0.0).make_example(edits[0], np.random.default_rng(0))
     assert np.array_equal(plain["ids"], edits[0].ids)
+
+
+# ---- retrieval ---------------------------------------------------------------------------------
+def test_retrieval_puts_the_prompts_documents_first_as_inference_does(sft_tokens, tokenizers, tiny_bank):
+    """With retrieval.k=2 every example holds the documents the bank's Retriever gives its prompt text
+    (none for captioning, whose prompt is only an image), after the opening </s>; the inference
+    prompt with the same documents is that training sequence cut where the target starts."""
+    from cm3leon.data.sequences import insert_retrieved
+    from cm3leon.data.sft_templates import retrieval_query, sft_prompt
+    from cm3leon.retrieval.retriever import Retriever
+
+    _, bpe = tokenizers
+    seq_len = 512  # two retrieved documents beside an edit's two images
+    dm = datamodule(sft_tokens, seq_len=seq_len, cm3=False, infill_rate=0.0, retrieval={"k": 2, "dir": str(tiny_bank)})
+    infilled = datamodule(sft_tokens, seq_len=seq_len, infill_rate=1.0, retrieval={"k": 2, "dir": str(tiny_bank)})
+    vocab, retriever = dm.vocab, Retriever(tiny_bank, k=2)
+    assert dm.data_meta()["retrieval"] == {"k": 2, "folder": str(tiny_bank.resolve())}  # generation's default bank
+    for task in SFT_TASKS:
+        for raw in read_token_shard(str(sft_tokens / "train" / task / "000000.tar"))[:2]:
+            rec = decode_record(raw, vocab)
+            query = retrieval_query(rec.sample)
+            docs = retriever.documents([query], 2)[0] if query else []
+            ex = dm.make_example(rec, np.random.default_rng(0))
+            ids, mask, kept = insert_retrieved(rec.ids, rec.loss_mask, docs, vocab, seq_len)
+            assert np.array_equal(ex["ids"], ids) and np.array_equal(ex["loss_mask"], mask), rec.key
+            assert ex["n_retrieved"] == kept == (0 if task == "caption" else 2), rec.key
+            slots = re.findall(r"\{(image1|image2|control image|image)\}", TEMPLATES[rec.meta["template"]])
+            prompt = sft_prompt(rec.sample, vocab, bpe.encode, dict(zip(slots, _image_runs(rec.ids, vocab))), docs)
+            if rec.text_target:  # asked by infilling: the training example in the infilling form
+                ids = infilled.make_example(rec, np.random.default_rng(0))["ids"]
+            assert prompt == ids[: len(prompt)].tolist(), rec.key
+
+
+def test_retrieval_needs_a_bank_of_the_shards_tokenizers(sft_tokens, tiny_bank, tmp_path):
+    with pytest.raises(UsageError, match="retrieval.dir=BANK") as e:
+        datamodule(sft_tokens, retrieval={"k": 2, "dir": None})
+    assert "\n" not in str(e.value)
+    other = tmp_path / "retrieval"
+    shutil.copytree(tiny_bank, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["splits"]["train"]["token_meta"]["image_tokenizer"] = "0" * 64
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UsageError, match="another image_tokenizer") as e:
+        datamodule(sft_tokens, retrieval={"k": 2, "dir": str(other)})
+    assert "\n" not in str(e.value)
 
 
 # ---- bring your own data ---------------------------------------------------------------------

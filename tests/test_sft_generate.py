@@ -144,42 +144,49 @@ def loaded(sft_ckpt):
     torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("n_docs", [0, 1])
 @pytest.mark.parametrize("task", ["edit", "control", "grounded", "vqa", "caption"])
-def test_prompts_are_the_templates_own(loaded, recorded, task):
+def test_prompts_are_the_templates_own(loaded, recorded, task, n_docs):
     """The conditional stream of every task is `sft_prompt` of the sample, i.e. the training
-    sequence cut where the target starts; the other streams are the documented ones."""
+    sequence cut where the target starts; the other streams are the documented ones. Retrieved
+    documents come first in every stream."""
+    from cm3leon.data.sequences import Document, retrieved_prefix, unconditional_prompt
     from cm3leon.generation.sft import sft_images, sft_texts
-    from cm3leon.vocab import EOS_ID
 
     pipe, encode, vocab = loaded, loaded.text_tokenizer.encode, loaded.vocab
     # VQA / caption: every template variant; the others: two samples in one batch
     indices = range(6) if task in ("vqa", "caption") else range(2)
     inputs = [_world_inputs(task, i, pipe.image_tokenizer) for i in indices]
     samples, codes = [x[0].sft for x in inputs], [x[1] for x in inputs]
+    docs = [[Document(np.array([40 + i, 41]), (np.arange(64) + i) % vocab.n_image_codes)] * n_docs for i in indices]
     if task in ("vqa", "caption"):
         assert len({s.template for s in samples}) > 1
-        out = sft_texts(pipe.model, vocab, encode, samples, codes, max_len=3)
+        out = sft_texts(pipe.model, vocab, encode, samples, codes, max_len=3, retrieved=docs)
         assert len(out) == len(samples)
     else:
         from cm3leon.generation.sampling import DecodingConfig
 
-        out = sft_images(pipe.model, vocab, encode, samples, codes, 64, decoding=DecodingConfig(guidance_scale=3.0))
+        dec = DecodingConfig(guidance_scale=3.0)
+        out = sft_images(pipe.model, vocab, encode, samples, codes, 64, decoding=dec, retrieved=docs)
         assert out.shape == (len(samples), 64) and int(out.min()) >= 0 and int(out.max()) < vocab.n_image_codes
     ((prompts, n_streams),) = recorded  # one batch
     B = len(samples)
-    wanted = [sft_prompt(s, vocab, encode, x[2]) for s, x in zip(samples, inputs)]
+    wanted = [sft_prompt(s, vocab, encode, x[2], d) for s, x, d in zip(samples, inputs, docs)]
     assert prompts[:B] == wanted
+    if n_docs:
+        assert all(p[: len(retrieved_prefix(d, vocab))] == retrieved_prefix(d, vocab) for p, d in zip(prompts, docs))
     s0, brk = vocab.sentinel_id(0), vocab.break_id
     if task == "edit":  # instruct-CFG: full, image-only (instruction dropped), unconditional
         assert n_streams == 3
         source = vocab.codes_to_ids(inputs[0][2]["image1"]).tolist()
         assert prompts[B][-len(source) - 3 :] == [*source, brk, s0, brk]
-        assert prompts[2 * B] == [EOS_ID, s0, brk]
-    elif task == "control":  # CFG: the prefix and control image kept, the caption dropped
+        assert prompts[2 * B] == unconditional_prompt(vocab, docs[0])
+    elif task == "control":  # CFG: the documents, prefix and control image kept, the caption dropped
         control = vocab.codes_to_ids(inputs[0][2]["control image"]).tolist()
         assert n_streams == 2 and prompts[B][-len(control) - 3 :] == [*control, brk, s0, brk]
+        assert prompts[B][: len(retrieved_prefix(docs[0], vocab))] == retrieved_prefix(docs[0], vocab)
     elif task == "grounded":  # CFG: the whole text dropped
-        assert n_streams == 2 and prompts[B] == [EOS_ID, s0, brk]
+        assert n_streams == 2 and prompts[B] == unconditional_prompt(vocab, docs[0])
     else:
         assert n_streams == 1
 
@@ -238,3 +245,26 @@ def test_missing_inputs_are_one_line(sft_ckpt, tmp_path):
         timeout=120,
     )
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "needs boxes=" in r.stderr, r.stderr
+
+
+def test_sft_retrieval_asks_with_the_prompt_text(loaded):
+    """A pipeline that retrieves asks with each request's prompt text (never for captioning, whose
+    prompt is only an image); one without a retriever gives None."""
+    import dataclasses
+
+    from cm3leon.data.sequences import Document
+    from cm3leon.generation.sft import caption_request, edit_request, sft_retrieved, vqa_request
+
+    asked = []
+
+    class Recording:
+        k = 2
+
+        def documents(self, queries, k, rng=None):
+            asked.extend(q.text for q in queries)
+            return [[Document(np.array([40]), np.arange(64))] * k for _ in queries]
+
+    requests = [vqa_request("what colour?"), caption_request(), edit_request("make it blue")]
+    assert sft_retrieved(loaded, requests) is None  # the tiny checkpoint was trained without retrieval
+    docs = sft_retrieved(dataclasses.replace(loaded, retriever=Recording(), retrieval_k=2), requests)
+    assert asked == ["what colour?", "make it blue"] and [len(d) for d in docs] == [2, 0, 2]

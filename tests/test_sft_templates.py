@@ -18,6 +18,7 @@ from cm3leon.data.sft_templates import (
     generation_inputs,
     infill_inputs,
     render_sft_text,
+    retrieval_query,
     sft_prompt,
     target_text,
 )
@@ -255,3 +256,15 @@ def test_cm3_target_mask_follows_the_tokens(bpe, vocab):
         ex_cut = cm3_transform(ids, vocab, np.random.default_rng(seed), poisson_lambda=2.0)
         assert cm3_target_mask(mask, ex_cut).tolist() == out[: len(ex_cut.ids)].tolist()
     assert n_checked > 30 * (len(ids) - 20)
+
+
+def test_retrieval_queries_are_the_prompt_text_never_the_target():
+    """SFT retrieves by the prompt's text: a caption the model must write is not a query."""
+    grounded = SftSample("grounded", {"caption": "a red circle"}, objects=[("red circle", (3, 3, 83, 83))])
+    assert retrieval_query(grounded) == "a red circle"
+    assert retrieval_query(SftSample("edit", {"instruction": "make it blue"})) == "make it blue"
+    assert retrieval_query(SftSample("control", {"kind": "canny", "caption": "a red circle"})) == "a red circle"
+    assert retrieval_query(SftSample("vqa_short", {"q": "what colour?", "a": "red"})) == "what colour?"
+    assert retrieval_query(SftSample("text", {"text": "HELLO"})) == "HELLO"
+    for template in ("caption", "caption_describe"):
+        assert retrieval_query(SftSample(template, {"caption": "a red circle"})) is None

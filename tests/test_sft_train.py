@@ -70,6 +70,23 @@ def test_sft_two_steps_from_a_tiny_checkpoint_then_resume(sft_data, tmp_path):
     assert steps == [0, 1, 2]  # the rows of both runs, each step once
 
 
+def test_sft_with_retrieval_trains_and_records_its_bank(sft_data, tiny_bank, tmp_path):
+    """retrieval=ra with a pretraining memory bank: the examples carry retrieved documents, and the
+    checkpoint records the bank, which generation and eval_sft then retrieve from by default."""
+    tokens, ckpt = sft_data
+    run = tmp_path / "run"
+    keys = "+callbacks.keys._target_=cm3leon.lit.callbacks.BatchKeysRecorder"
+    proc = run_train(
+        sft_args(tokens, run, ckpt, "trainer.max_steps=2", "retrieval=ra", f"retrieval.dir={tiny_bank}", keys)
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert saved["hyper_parameters"]["data_meta"]["retrieval"] == {"k": 2, "folder": str(tiny_bank.resolve())}
+    batches = [json.loads(line) for line in (run / "batch_keys.jsonl").read_text().splitlines()]
+    retrieved = [n for b in batches for n in b["n_retrieved"]]
+    assert len(batches) == 2 and max(retrieved) > 0  # (a 256-token context leaves no room beside an edit)
+
+
 def test_a_vocabulary_mismatch_is_refused_in_one_line(sft_data, tmp_path):
     from cm3leon.tokenizers.image_tokenizer import CONFIG_DIR, ImageTokenizer, save_vqgan
 

@@ -75,13 +75,42 @@ def build_sequence(
             )
         q = document_ids(query, vocab, image_first, max_text=keep_text)
 
-    docs = [document_ids(d, vocab, image_first=False) for d in retrieved]
-    total = len(q) + framing + sum(len(d) + 1 for d in docs)  # +1: the <break> after each retrieved doc
-    while docs and total > seq_len:
-        total -= len(docs[0]) + 1
-        docs.pop(0)  # drop the first (farthest from the query) document first
-
+    docs = _fit([document_ids(d, vocab, image_first=False) for d in retrieved], seq_len - len(q) - framing)
     return np.concatenate([_prefix(docs, vocab), q, eos]), len(docs)
+
+
+def insert_retrieved(
+    ids: np.ndarray, mask: np.ndarray | None, retrieved: Sequence[Document], vocab: Vocab, seq_len: int
+) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """Put retrieved documents into a built sequence `</s> ... </s>` right after its opening `</s>`,
+    where `build_sequence` lays them (an instruction sequence's own pairs stay nearest the end),
+    dropping the farthest first until it fits `seq_len`.
+
+    ids int64 [n]; mask: bool [n] target mask or None (the documents are never targets).
+    Returns (ids [n + added], mask [n + added] or None, documents kept)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    if len(ids) == 0 or ids[0] != EOS_ID:
+        raise ValueError(
+            "insert_retrieved: the sequence must open with </s> (a build_sequence / build_sft_sequence one)"
+        )
+    docs = _fit([document_ids(d, vocab, image_first=False) for d in retrieved], seq_len - len(ids))
+    if not docs:
+        return ids, mask, 0
+    prefix = _prefix(docs, vocab)  # </s> D1 <break> ... : replaces the opening </s>
+    out = np.concatenate([prefix, ids[1:]])
+    if mask is not None:
+        mask = np.concatenate([np.asarray(mask[:1], dtype=bool), np.zeros(len(prefix) - 1, dtype=bool), mask[1:]])
+    return out, mask, len(docs)
+
+
+def _fit(docs: list[np.ndarray], room: int) -> list[np.ndarray]:
+    """The documents that fit in `room` tokens (each with its <break>), the first (farthest from
+    the query) dropped first."""
+    total = sum(len(d) + 1 for d in docs)
+    while docs and total > room:
+        total -= len(docs[0]) + 1
+        docs = docs[1:]
+    return docs
 
 
 def _prefix(docs: Sequence[np.ndarray], vocab: Vocab) -> np.ndarray:
@@ -108,16 +137,19 @@ def unconditional_prompt(vocab: Vocab, retrieved: Sequence[Document] | None = No
     return retrieved_prefix(retrieved, vocab) + [vocab.sentinel_id(0), vocab.break_id]
 
 
-def edit_prompts(prefix_ids, source_codes, instruction_ids, vocab: Vocab) -> tuple[list[int], list[int], list[int]]:
+def edit_prompts(
+    prefix_ids, source_codes, instruction_ids, vocab: Vocab, retrieved: Sequence[Document] | None = None
+) -> tuple[list[int], list[int], list[int]]:
     """The three instruct-CFG streams for the editing template (PAPER.md section 7):
-    full     `</s> prefix <break> I_src <break> instruction <break>`
-    img_cond `</s> prefix <break> I_src <break> <sentinel:0> <break>`   (instruction dropped)
-    uncond   `</s> <sentinel:0> <break>`                                 (everything dropped)"""
+    full     `</s> [docs] prefix <break> I_src <break> instruction <break>`
+    img_cond `</s> [docs] prefix <break> I_src <break> <sentinel:0> <break>`   (instruction dropped)
+    uncond   `</s> [docs] <sentinel:0> <break>`                                 (everything dropped)
+    [docs]: the retrieved documents, kept in every stream as pretraining's CFG keeps them."""
     source = vocab.codes_to_ids(np.asarray(source_codes, dtype=np.int64)).tolist()
-    head = [EOS_ID, *map(int, prefix_ids), vocab.break_id, *source, vocab.break_id]
+    head = [*retrieved_prefix(retrieved, vocab), *map(int, prefix_ids), vocab.break_id, *source, vocab.break_id]
     full = head + [*map(int, instruction_ids), vocab.break_id]
     img_cond = head + [vocab.sentinel_id(0), vocab.break_id]
-    return full, img_cond, unconditional_prompt(vocab)
+    return full, img_cond, unconditional_prompt(vocab, retrieved)
 
 
 def infill_prompt(ids, spans: Sequence[tuple[int, int]], vocab: Vocab) -> list[int]:

@@ -19,6 +19,13 @@ The mixture is resolved once at setup and logged (samples per source per epoch);
 records it, and a resume with another mixture is refused (it would read other samples).
 `prepare_data` makes the world sources when missing or stale (`embedded_world`); file sources are
 made by `python src/make_sft_shards.py`.
+
+Retrieval (optional; the paper does not say whether its SFT retrieved): with `retrieval.k > 0` and
+`retrieval.dir` a pretraining memory bank (`build_index.py`'s folder, e.g. the world's
+`data/world/tokens/retrieval`), each example gets up to k documents retrieved by its prompt's text
+(`sft_templates.retrieval_query`: the instruction, caption or question, never the target), put
+after the opening `</s>` (`sequences.insert_retrieved`), as generation does with the same bank.
+Retrieval is deterministic, so a resumed stream sees the same documents.
 """
 
 from __future__ import annotations
@@ -32,9 +39,9 @@ import lightning as L
 import numpy as np
 import torch
 
-from cm3leon.data.datamodule import CM3DataModule
+from cm3leon.data.datamodule import CM3DataModule, _retrieval_config
 from cm3leon.data.packing import Row, packing_mode
-from cm3leon.data.sequences import IGNORE_INDEX
+from cm3leon.data.sequences import IGNORE_INDEX, Document, insert_retrieved
 from cm3leon.data.sft_mixture import MixturePlan, ValidationPlan, mixture_table, resolve_mixture
 from cm3leon.data.sft_shards import (
     SPLITS,
@@ -50,7 +57,7 @@ from cm3leon.data.sft_shards import (
     summary_line,
 )
 from cm3leon.data.sft_stream import MaskedRowPacker, SftShardStream
-from cm3leon.data.sft_templates import cm3_target_mask
+from cm3leon.data.sft_templates import SftSample, cm3_target_mask, retrieval_query
 from cm3leon.data.token_shards import TokenSample, read_meta
 from cm3leon.data.token_stream import read_token_shard
 from cm3leon.errors import UsageError
@@ -71,6 +78,29 @@ def infill_form(ids: np.ndarray, mask: np.ndarray, vocab: Vocab) -> tuple[np.nda
     return ex.ids, cm3_target_mask(mask, ex)
 
 
+class PromptRetrieval:
+    """An SFT example's documents: up to k retrieved from the bank in `folder` by the prompt's text
+    (`retrieval_query`; none when it has no text). The Retriever (FAISS index and CLIP) is opened on
+    first use, in each DataLoader worker."""
+
+    def __init__(self, folder: str | Path, k: int):
+        self.folder, self.k = Path(folder), int(k)
+        self._retriever = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_retriever": None}
+
+    def documents(self, sample: SftSample) -> list[Document]:
+        query = retrieval_query(sample)
+        if query is None:
+            return []
+        if self._retriever is None:
+            from cm3leon.retrieval.retriever import Retriever
+
+            self._retriever = Retriever(self.folder, k=self.k, device="cpu")
+        return self._retriever.documents([query], self.k)[0]
+
+
 class SftDataModule(CM3DataModule):
     """Streams SFT token shards into CM3 batches (see the module docstring).
 
@@ -89,7 +119,8 @@ class SftDataModule(CM3DataModule):
         seq_len, micro_batch_size, num_workers, seed, objective, vocab, pin_memory, packing: as
             CM3DataModule.
         val_max_samples: validation samples, split equally over the sources (null: all).
-        retrieval: retrieval is not built for SFT: a node with k > 0 is refused.
+        retrieval: `conf/retrieval/*.yaml`; k > 0 needs `dir`, the memory bank to retrieve from
+            (module docstring). Its tokenizers must be the SFT shards' (checked at setup).
     """
 
     def __init__(
@@ -140,9 +171,14 @@ class SftDataModule(CM3DataModule):
         self.vocab_overrides = dict(vocab or {})
         self.val_max_samples = val_max_samples
         self.pin_memory = pin_memory
-        if (retrieval or {}).get("k"):
-            raise UsageError("SFT with retrieved documents is not built: use retrieval=none (retrieval.k=0)")
-        self.retrieval = self.neighbours = None
+        self.retrieval = _retrieval_config(retrieval)
+        if self.retrieval is not None and not self.retrieval.dir:
+            raise UsageError(
+                "SFT retrieves from a pretraining memory bank: pass retrieval.dir=BANK (build_index.py's folder; "
+                "the world's: data/world/tokens/retrieval), or retrieval=none"
+            )
+        self.neighbours = None  # pretraining's per-key pools: SFT retrieves by the prompt instead
+        self.prompt_retrieval = PromptRetrieval(self.retrieval.dir, self.retrieval.k) if self.retrieval else None
         self.packing = packing_mode(packing)
         self._init_stream_state()
         self.vocab: Vocab | None = None
@@ -215,6 +251,8 @@ class SftDataModule(CM3DataModule):
         self.load_meta()
         if self.seq_len < self.tokens_per_image + 4:
             raise UsageError(f"data.seq_len={self.seq_len} cannot hold one image of {self.tokens_per_image} tokens")
+        if self.retrieval is not None:
+            self._check_bank()
         train, val = self._source_shards("train"), self._source_shards("val")
         self.train_shards, train_layout = _flatten(train)
         self.val_shards, val_layout = _flatten(val)
@@ -233,6 +271,19 @@ class SftDataModule(CM3DataModule):
             world_size = self.trainer.world_size if self.trainer is not None else 1
             check_readers(self.train_plan.entries_per_epoch(), world_size, self.num_workers, str(self.train_dir))
             self._check_sample_grid()
+
+    def _check_bank(self) -> None:
+        """The memory bank's documents must be tokens of the SFT shards' tokenizers (one line)."""
+        from cm3leon.retrieval.neighbours import read_manifest
+
+        manifest = read_manifest(Path(self.retrieval.dir), Path(self.retrieval.dir).parent)
+        bank = manifest["splits"][manifest["bank_split"]]["token_meta"]
+        for key in ("image_tokenizer", "text_tokenizer"):
+            if bank.get(key) != (self.meta.get(key) or {}).get("sha256"):
+                raise UsageError(
+                    f"memory bank {self.retrieval.dir} was made with another {key} than the SFT shards in "
+                    f"{self.tokens_dir}: pass retrieval.dir= a bank of the model's own tokenizers"
+                )
 
     def _check_sample_grid(self) -> None:
         """The sampling callback draws plain captions (val_samples): refuse before fit when none exist."""
@@ -254,13 +305,16 @@ class SftDataModule(CM3DataModule):
     # ---- examples and batches ------------------------------------------------------------
     def make_example(self, record: SftRecord, rng: np.random.Generator) -> dict:
         """One SFT record -> {'ids': int64 [n <= seq_len], 'loss_mask': bool [n], 'key', 'n_retrieved'}."""
-        ids, mask = record.ids, record.loss_mask
+        ids, mask, n_retrieved = record.ids, record.loss_mask, 0
+        if self.prompt_retrieval is not None:
+            docs = self.prompt_retrieval.documents(record.sample)
+            ids, mask, n_retrieved = insert_retrieved(ids, mask, docs, self.vocab, self.seq_len)
         if record.text_target and self.infill_rate > 0 and rng.random() < self.infill_rate:
             ids, mask = infill_form(ids, mask, self.vocab)  # already a CM3 example: not transformed again
         elif self.cm3:
             ex = cm3_transform(ids, self.vocab, rng, seq_len=self.seq_len, **self.transform_kwargs)
             ids, mask = ex.ids, cm3_target_mask(mask, ex)
-        return {"ids": ids, "loss_mask": mask, "key": record.key, "n_retrieved": 0}
+        return {"ids": ids, "loss_mask": mask, "key": record.key, "n_retrieved": n_retrieved}
 
     def collate(self, items: list) -> dict:
         """CM3DataModule's batch; with loss_on=target every target outside the masks is -100."""

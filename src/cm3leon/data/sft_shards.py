@@ -169,6 +169,12 @@ class SftRecord:
         return self.meta["key"]
 
     @property
+    def sample(self) -> SftSample:
+        """The instruction sample the record was built from (its template, fields and objects)."""
+        m = self.meta
+        return SftSample(m["template"], m["fields"], tuple(m.get("objects") or ()), key=m["key"])
+
+    @property
     def text_target(self) -> bool:
         """The output is text (caption, VQA answer): trainable in the infilling form."""
         return TARGET_OF[self.meta["template"]] not in IMAGE_SLOTS

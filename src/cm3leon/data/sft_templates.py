@@ -342,6 +342,18 @@ def _text_pieces_of_target(sample: SftSample) -> list[tuple[str, bool]]:
     raise ValueError(f"SFT sample {sample.name}: target {sample.target!r} is an image slot, not text")
 
 
+# The text fields a prompt may retrieve with (never the target: a caption to be written is not a query).
+QUERY_FIELDS = ("instruction", "caption", "q", "text")
+
+
+def retrieval_query(sample: SftSample) -> str | None:
+    """The text an SFT sample retrieves documents with (retrieval by the prompt's text, as at
+    generation time, PAPER.md section 4): its query fields other than the target, joined; None when
+    the prompt has no text (captioning: only the image)."""
+    parts = [str(sample.fields[f]) for f in QUERY_FIELDS if f != sample.target and sample.fields.get(f)]
+    return " ".join(parts) or None
+
+
 def clean_answer(text: str) -> str:
     """A generated text target (span up to `<eoss>`, decoded) -> the answer as compared: stripped."""
     return text.strip()
@@ -375,14 +387,21 @@ def infill_inputs(sample: SftSample, encode: Encode) -> dict:
     return {"text_before": p.before, "text_after": p.after, "image_first": p.image_first}
 
 
-def sft_prompt(sample: SftSample, vocab: Vocab, encode: Encode, codes: Mapping[str, np.ndarray]) -> list[int]:
+def sft_prompt(
+    sample: SftSample,
+    vocab: Vocab,
+    encode: Encode,
+    codes: Mapping[str, np.ndarray],
+    retrieved: Sequence[Document] = (),
+) -> list[int]:
     """The inference prompt: the training sequence up to where the model generates.
 
     Image target: `</s> ... <break>` before the target image (edit: `edit_prompts`' full stream).
-    Text target: the infilling prompt `caption_prompt(...)`, ending with `<sentinel:0>`."""
+    Text target: the infilling prompt `caption_prompt(...)`, ending with `<sentinel:0>`.
+    retrieved: documents first, where SFT training with retrieval puts them (`insert_retrieved`)."""
     if sample.target in IMAGE_SLOTS:
         text, docs = generation_inputs(sample, encode, codes)
-        return text_to_image_prompt(text, vocab, docs)
+        return text_to_image_prompt(text, vocab, [*retrieved, *docs])
     kwargs = infill_inputs(sample, encode)  # checks: text target, one (text, image) pair
     p = _pairs(sample, encode, codes)[0]
-    return caption_prompt(p.doc.codes, vocab, **kwargs)
+    return caption_prompt(p.doc.codes, vocab, retrieved=list(retrieved), **kwargs)

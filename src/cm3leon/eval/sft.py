@@ -215,6 +215,7 @@ def settings_of(cfg: DictConfig) -> dict:
         "vqa_train_n": int(cfg.baselines.vqa_train_n),
         "image_tokenizer": cfg.image_tokenizer,
         "text_tokenizer": cfg.text_tokenizer,
+        "retrieval": _container(cfg.retrieval),
     }
 
 
@@ -445,8 +446,9 @@ def evaluate(cfg: DictConfig) -> dict:
         else Path(str(cfg.paths.log_dir)) / "eval_sft" / f"{ckpt_sha[:12]}-{_hash(settings)[:10]}"
     )
     claim_out_dir(out_dir, settings, ckpt_sha, what="outcomes")
+    retrieval = _container(cfg.retrieval)  # the prompts' text retrieves (generation.sft.sft_retrieved)
     pipe = load_pipeline(
-        ckpt, resolve_device(str(cfg.device)), str(cfg.precision), cfg.image_tokenizer, cfg.text_tokenizer, {"k": 0}
+        ckpt, resolve_device(str(cfg.device)), str(cfg.precision), cfg.image_tokenizer, cfg.text_tokenizer, retrieval
     )
     majority = vqa_majority_of(cfg) if "vqa" in tasks else None
     summaries = {task: run_task(cfg, pipe, task, out_dir, majority) for task in tasks}

@@ -24,6 +24,9 @@ where the target starts, so training and inference cannot drift. Decoding is
   `</s> <sentinel:0> <break>` (caption and boxes dropped).
 - vqa, caption: infilling (`tasks.infill_text`): the answer after `<sentinel:0>` until `<eoss>`,
   no guidance, greedy by default; the decoded text goes through `clean_answer`.
+Retrieval: a pipeline with a retriever (a checkpoint fine-tuned with `retrieval.k > 0`, or
+`retrieval.k=K retrieval.dir=BANK`) retrieves by each prompt's text (`retrieval_query`, as SFT
+training does) and puts the documents first, in every stream.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
+from cm3leon.data.sequences import Document
 from cm3leon.data.sft_templates import (
     CONTROL_KINDS,
     GROUNDING_GRID,
@@ -42,6 +46,7 @@ from cm3leon.data.sft_templates import (
     SftSample,
     clean_answer,
     generation_inputs,
+    retrieval_query,
     sft_prompt,
 )
 from cm3leon.generation import tasks
@@ -176,17 +181,20 @@ def sft_images(
     seed: int = 0,
     batch_size: int | None = None,
     generator: torch.Generator | None = None,
+    retrieved: Sequence[Sequence[Document]] | None = None,
 ) -> torch.Tensor:
     """Image-target samples (edit, control, grounded, text) -> codes int64 [N, tokens_per_image].
 
     codes: per sample {slot: codes [hw]} of its input slots. batch_size: samples per forward (each
-    carries its 1-3 streams; default all). See the module docstring for the streams."""
+    carries its 1-3 streams; default all). retrieved: per sample, documents before its prompt
+    (`sft_retrieved`). See the module docstring for the streams."""
     if len(samples) != len(codes):
         raise ValueError(f"sft_images: {len(samples)} samples but {len(codes)} code sets")
     dec = decoding or DecodingConfig()
     gen = _generator(model, seed, generator)
     out = torch.empty(len(samples), tokens_per_image, dtype=torch.long)
     inputs = [generation_inputs(s, encode, _checked_codes(s, c)) for s, c in zip(samples, codes)]
+    docs = [list(d) for d in retrieved] if retrieved is not None else [[] for _ in samples]
     edits = [i for i, s in enumerate(samples) if s.task == "edit"]
     others = [i for i, s in enumerate(samples) if s.task != "edit"]
     for s, e in _chunks(len(edits), batch_size):
@@ -194,7 +202,14 @@ def sft_images(
         prefix = inputs[rows[0]][1][0].text_ids  # the template's task prefix: the same for every edit
         source = torch.stack([torch.as_tensor(inputs[i][1][0].codes) for i in rows])
         out[rows] = tasks.edit_images(
-            model, vocab, prefix, source, [inputs[i][0] for i in rows], decoding=dec, generator=gen
+            model,
+            vocab,
+            prefix,
+            source,
+            [inputs[i][0] for i in rows],
+            decoding=dec,
+            generator=gen,
+            retrieved=[docs[i] for i in rows],
         )
     if others:
         out[others] = tasks.generate_images(
@@ -203,7 +218,8 @@ def sft_images(
             [inputs[i][0] for i in others],
             tokens_per_image,
             decoding=dec,
-            retrieved=[inputs[i][1] for i in others],  # control: the prefix and control image, kept by CFG
+            # the retrieved documents, then the template's own (control: the prefix and control image, kept by CFG)
+            retrieved=[docs[i] + inputs[i][1] for i in others],
             batch_size=batch_size,
             generator=gen,
         )
@@ -223,17 +239,33 @@ def sft_texts(
     seed: int = 0,
     batch_size: int | None = None,
     generator: torch.Generator | None = None,
+    retrieved: Sequence[Sequence[Document]] | None = None,
 ) -> list[list[int]]:
-    """Text-target samples (vqa, caption) -> the infilled span per sample (BPE ids, `<eoss>` cut)."""
+    """Text-target samples (vqa, caption) -> the infilled span per sample (BPE ids, `<eoss>` cut);
+    retrieved: per sample, documents before its prompt."""
     if len(samples) != len(codes):
         raise ValueError(f"sft_texts: {len(samples)} samples but {len(codes)} code sets")
     gen = _generator(model, seed, generator)
-    prompts = [sft_prompt(s, vocab, encode, _checked_codes(s, c)) for s, c in zip(samples, codes)]
+    docs = retrieved if retrieved is not None else [()] * len(samples)
+    prompts = [sft_prompt(s, vocab, encode, _checked_codes(s, c), d) for s, c, d in zip(samples, codes, docs)]
     out: list[list[int]] = []
     for s, e in _chunks(len(prompts), batch_size):
         out += tasks.infill_text(
             model, vocab, prompts[s:e], max_len=max_len, temperature=temperature, top_p=top_p, generator=gen
         )
+    return out
+
+
+def sft_retrieved(pipe, samples: Sequence[SftSample]) -> list[list[Document]] | None:
+    """Per sample, the documents the pipeline's retriever gives its prompt text (`retrieval_query`;
+    none for a prompt without text), or None when the pipeline retrieves nothing."""
+    if pipe.retriever is None or pipe.retrieval_k <= 0:
+        return None
+    queries = [retrieval_query(s) for s in samples]
+    asked = [i for i, q in enumerate(queries) if q]
+    out: list[list[Document]] = [[] for _ in samples]
+    for i, docs in zip(asked, pipe.retrieve([queries[i] for i in asked]) if asked else []):
+        out[i] = list(docs)
     return out
 
 
@@ -260,6 +292,7 @@ def sft_generate(
         raise ValueError("sft_generate: pass image-target and text-target samples in separate calls")
     codes = encode_slots(pipe.image_tokenizer, images)
     encode = pipe.text_tokenizer.encode
+    retrieved = sft_retrieved(pipe, samples)
     if kinds == {True}:
         out = sft_images(
             pipe.model,
@@ -271,6 +304,7 @@ def sft_generate(
             decoding=decoding,
             seed=seed,
             batch_size=batch_size,
+            retrieved=retrieved,
         )
         return pipe.image_tokenizer.decode(out)
     ids = sft_texts(
@@ -284,5 +318,6 @@ def sft_generate(
         top_p=top_p,
         seed=seed,
         batch_size=batch_size,
+        retrieved=retrieved,
     )
     return [clean_answer(pipe.text_tokenizer.decode(t)) for t in ids]

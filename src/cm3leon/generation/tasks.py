@@ -149,17 +149,20 @@ def edit_images(
     decoding: DecodingConfig | None = None,
     seed: int = 0,
     generator: torch.Generator | None = None,
+    retrieved: Sequence[Sequence[Document]] | None = None,
 ) -> torch.Tensor:
     """Image editing with instruct-CFG (three streams per sample: full, image-only, unconditional).
 
     source_codes [N, hw] and N instructions (BPE ids) -> edited codes [N, hw]. Weights:
-    decoding.image_weight / text_weight (paper 1.5 / 7.5)."""
+    decoding.image_weight / text_weight (paper 1.5 / 7.5). retrieved: per sample, documents put
+    before each of its streams (`edit_prompts`)."""
     dec = decoding or DecodingConfig()
     source_codes = torch.as_tensor(source_codes)
     N, hw = source_codes.shape
     if len(instructions_ids) != N:
         raise ValueError(f"edit_images: {N} source images but {len(instructions_ids)} instructions")
-    streams = [edit_prompts(prefix_ids, source_codes[i], instructions_ids[i], vocab) for i in range(N)]
+    docs = retrieved if retrieved is not None else [()] * N
+    streams = [edit_prompts(prefix_ids, source_codes[i], instructions_ids[i], vocab, docs[i]) for i in range(N)]
     prompts = [s[j] for j in range(3) for s in streams]  # stream-major
     session = DecodeSession(model, prompts, 3, hw)
     picker = Picker(dec, _generator(model, seed, generator), mixed_rows(0, N, _device(model)))
