@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: install lint format test test-slow demo data bench eval-fid notebook world-model figures world-cfg world-cfg-paired tokenizers clean-data help
+.PHONY: install lint format test test-slow demo data bench eval-fid notebook world-model sft figures world-cfg world-cfg-paired tokenizers clean-data help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -81,6 +81,16 @@ world-model: install  ## train the shipped world model (world_long to 8,000 step
 	$(PY) src/train.py experiment=world_long trainer.max_steps=8000 trainer.precision=$(CPU_PRECISION) \
 		callbacks.model_checkpoint.every_n_train_steps=500 hydra.run.dir=$(SHIPPED_RUN) ckpt_path=last
 	$(PY) src/convert_checkpoint.py src=$(SHIPPED_RUN)/checkpoints/step_0008000.ckpt dst=$(SHIPPED_LM)
+
+SHIPPED_SFT := data/shipped/world_sft.safetensors
+SFT_RUN := logs/train/sft_world
+SFT_EVAL := logs/eval_sft
+sft: install  ## instruction tuning of the shipped world model (experiment=sft_world: ~25 min of data, ~75 min of training on 2 cores; rerun to resume), $(SHIPPED_SFT), then base vs SFT on 500 val samples per task: docs/figures/sft.*
+	$(PY) src/train.py experiment=sft_world trainer.precision=$(CPU_PRECISION) hydra.run.dir=$(SFT_RUN) ckpt_path=last
+	$(PY) src/convert_checkpoint.py src=$(SFT_RUN)/checkpoints/last.ckpt dst=$(SHIPPED_SFT)
+	$(PY) src/eval_sft.py ckpt=$(SHIPPED_LM) out_dir=$(SFT_EVAL)/base
+	$(PY) src/eval_sft.py ckpt=$(SHIPPED_SFT) out_dir=$(SFT_EVAL)/sft
+	$(PY) src/eval_sft.py compare=[$(SFT_EVAL)/base,$(SFT_EVAL)/sft]
 
 figures: install  ## the paper's claims in miniature (README "Claims"): docs/figures/*.png; trains the figure models first (hours on CPU), resumes when rerun
 	$(PY) src/figures.py

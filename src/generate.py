@@ -1,6 +1,7 @@
 """Sample from a trained CM3Leon checkpoint (PAPER.md section 5).
 
     python src/generate.py prompt="a large red circle in the top left" n=8     # the shipped world model
+    python src/generate.py task=vqa image=scene.png question="what colour is the circle?"   # the shipped SFT model
     python src/generate.py ckpt=RUN/checkpoints/last.ckpt prompt="..." n=8     # a run of yours
     python src/generate.py ckpt=... prompt="..." n=8 decoding=cdk          # or topp_cfg (default), mixed
     python src/generate.py ckpt=... prompt="..." decoding.guidance_scale=5 decoding.temperature=0.8
@@ -67,13 +68,25 @@ def _warn_world_clip_rerank(cfg: DictConfig) -> None:
         warn_world_clip("rerank", cfg.rerank, f"prompt={cfg.prompt!r} is not an embedded-world caption")
 
 
+def shipped_model(task: str, shipped_dir) -> Path:
+    """The shipped world model a task uses when no ckpt= is given: the instruction-tuned one for the
+    SFT tasks, the pretrained one for the others."""
+    return Path(shipped_dir) / ("world_sft.safetensors" if task in SFT_TASKS else "world_lm.safetensors")
+
+
 def check_command_line(cfg: DictConfig):
     """Input checks first: a wrong command line answers before torch is imported. Returns the
-    DecodingConfig."""
+    DecodingConfig; an unset ckpt becomes the task's shipped model."""
     from cm3leon.generation.pipeline import check_checkpoint
 
     if cfg.task not in TASKS:
         raise UsageError(f"task={cfg.task!r} is not one of {TASKS}")
+    if not cfg.ckpt:
+        shipped = shipped_model(cfg.task, cfg.paths.shipped_dir)
+        if not shipped.is_file():
+            recipe = "make sft" if cfg.task in SFT_TASKS else "make world-model"
+            raise UsageError(f"the shipped model {shipped} is missing: `{recipe}` makes it, or pass ckpt=PATH")
+        cfg.ckpt = str(shipped)
     if int(cfg.n) < 1:
         raise UsageError(f"n={cfg.n} must be >= 1")
     if cfg.task == "image" and not cfg.prompt:

@@ -489,7 +489,12 @@ def _read_run(folder: Path) -> tuple[dict, dict[str, dict[int, dict]]]:
 
 
 def compare(
-    base_dir: str | Path, sft_dir: str | Path, out_dir: str | Path, alpha: float = 0.01, command: str | None = None
+    base_dir: str | Path,
+    sft_dir: str | Path,
+    out_dir: str | Path,
+    alpha: float = 0.01,
+    command: str | None = None,
+    root: Path | None = None,
 ) -> dict:
     """Base vs SFT (and SFT vs the trivial baselines) per task, paired on the same samples by the
     exact McNemar test: writes `<out_dir>/sft.png` (accuracy per task, bars ± standard error),
@@ -573,7 +578,7 @@ def compare(
         },
         "command": command or f"python src/eval_sft.py compare=[{base_dir},{sft_dir}]",
     }
-    result = write(result, fig, out_dir, COMPARE_COLUMNS)
+    result = write(result, fig, out_dir, COMPARE_COLUMNS, root)  # paths inside the checkout: relative
     print(result["markdown"])
     return result
 
@@ -587,7 +592,9 @@ def run(cfg: DictConfig) -> dict:
         for d in dirs:
             if not Path(d).is_dir():
                 raise UsageError(f"compare: {d} not found (pass the out_dir of two src/eval_sft.py runs)")
-        return compare(dirs[0], dirs[1], Path(str(cfg.compare_dir)), float(cfg.alpha))
+        return compare(
+            dirs[0], dirs[1], Path(str(cfg.compare_dir)), float(cfg.alpha), root=Path(str(cfg.paths.root_dir))
+        )
     return evaluate(cfg)
 
 
