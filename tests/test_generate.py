@@ -96,8 +96,9 @@ def test_missing_checkpoint_is_one_line(tmp_path):
     assert len(lines) == 1 and "none.ckpt not found" in lines[0] and "ckpt=PATH" in lines[0], r.stderr
     import generate
 
-    with pytest.raises(generate.UsageError, match="no checkpoint given"):
-        run_generate("prompt=x", "ckpt=null")
+    # no ckpt=: the task's shipped model, whose absence names its recipe
+    with pytest.raises(generate.UsageError, match="world_lm.safetensors is missing: `make world-model`"):
+        run_generate("prompt=x", "ckpt=null", f"paths.shipped_dir={tmp_path}")
     with pytest.raises(generate.UsageError, match="needs prompt"):
         run_generate(f"ckpt={tmp_path}/none.ckpt")
 
