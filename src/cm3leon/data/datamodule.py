@@ -100,7 +100,7 @@ class CM3DataModule(L.LightningDataModule):
         self.vocab_overrides = dict(vocab or {})
         self.val_max_samples = val_max_samples
         self.pin_memory = pin_memory
-        self.retrieval = _retrieval_config(retrieval)
+        self.retrieval = retrieval_config(retrieval)
         self.embedded_world = bool(embedded_world)
         self.world = dict(world or {})
         self.shipped_dir = shipped_dir
@@ -340,7 +340,7 @@ class CM3DataModule(L.LightningDataModule):
         self._start_batch = int(state["train_batches_consumed"])
 
 
-def _retrieval_config(retrieval: Mapping | None):
+def retrieval_config(retrieval: Mapping | None):
     """The RetrievalConfig of a `conf/retrieval/*.yaml` node, or None when it retrieves nothing."""
     if retrieval is None or retrieval.get("k", 0) == 0:
         return None

@@ -39,7 +39,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from cm3leon.data.datamodule import CM3DataModule, _retrieval_config
+from cm3leon.data.datamodule import CM3DataModule, retrieval_config
 from cm3leon.data.packing import Row, packing_mode
 from cm3leon.data.sequences import IGNORE_INDEX, Document, insert_retrieved
 from cm3leon.data.sft_mixture import MixturePlan, ValidationPlan, mixture_table, resolve_mixture
@@ -171,7 +171,7 @@ class SftDataModule(CM3DataModule):
         self.vocab_overrides = dict(vocab or {})
         self.val_max_samples = val_max_samples
         self.pin_memory = pin_memory
-        self.retrieval = _retrieval_config(retrieval)
+        self.retrieval = retrieval_config(retrieval)
         if self.retrieval is not None and not self.retrieval.dir:
             raise UsageError(
                 "SFT retrieves from a pretraining memory bank: pass retrieval.dir=BANK (build_index.py's folder; "
