@@ -68,10 +68,11 @@ def _warn_world_clip_rerank(cfg: DictConfig) -> None:
         warn_world_clip("rerank", cfg.rerank, f"prompt={cfg.prompt!r} is not an embedded-world caption")
 
 
-def shipped_model(task: str, shipped_dir) -> Path:
-    """The shipped world model a task uses when no ckpt= is given: the instruction-tuned one for the
-    SFT tasks, the pretrained one for the others."""
-    return Path(shipped_dir) / ("world_sft.safetensors" if task in SFT_TASKS else "world_lm.safetensors")
+def shipped_model(task: str, shipped_dir) -> tuple[Path, str]:
+    """(file, the make target that makes it) of the shipped world model a task uses when no ckpt= is
+    given: the instruction-tuned one for the SFT tasks, the pretrained one for the others."""
+    name, recipe = ("world_sft", "make sft") if task in SFT_TASKS else ("world_lm", "make world-model")
+    return Path(shipped_dir) / f"{name}.safetensors", recipe
 
 
 def check_command_line(cfg: DictConfig):
@@ -82,9 +83,8 @@ def check_command_line(cfg: DictConfig):
     if cfg.task not in TASKS:
         raise UsageError(f"task={cfg.task!r} is not one of {TASKS}")
     if not cfg.ckpt:
-        shipped = shipped_model(cfg.task, cfg.paths.shipped_dir)
+        shipped, recipe = shipped_model(cfg.task, cfg.paths.shipped_dir)
         if not shipped.is_file():
-            recipe = "make sft" if cfg.task in SFT_TASKS else "make world-model"
             raise UsageError(f"the shipped model {shipped} is missing: `{recipe}` makes it, or pass ckpt=PATH")
         cfg.ckpt = str(shipped)
     if int(cfg.n) < 1:

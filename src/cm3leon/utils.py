@@ -97,9 +97,8 @@ def cpu_training_precision(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
     return "bf16-mixed" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "32-true"
 
 
-def child_env(extra: dict | None = None) -> dict:
+def child_env() -> dict:
     """os.environ for a child process (a training or evaluation script), without WANDB_SERVICE: a
     W&B service started in this process must not be shared with children, or a resumed run's id is
     still registered there ("run ID ... is in use")."""
-    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
-    return {**env, **(extra or {})}
+    return {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}

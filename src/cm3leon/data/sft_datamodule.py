@@ -274,12 +274,10 @@ class SftDataModule(CM3DataModule):
 
     def _check_bank(self) -> None:
         """The memory bank's documents must be tokens of the SFT shards' tokenizers (one line)."""
-        from cm3leon.retrieval.neighbours import read_manifest
+        from cm3leon.retrieval.neighbours import bank_tokenizers
 
-        manifest = read_manifest(Path(self.retrieval.dir), Path(self.retrieval.dir).parent)
-        bank = manifest["splits"][manifest["bank_split"]]["token_meta"]
-        for key in ("image_tokenizer", "text_tokenizer"):
-            if bank.get(key) != (self.meta.get(key) or {}).get("sha256"):
+        for key, sha in bank_tokenizers(self.retrieval.dir).items():
+            if sha != (self.meta.get(key) or {}).get("sha256"):
                 raise UsageError(
                     f"memory bank {self.retrieval.dir} was made with another {key} than the SFT shards in "
                     f"{self.tokens_dir}: pass retrieval.dir= a bank of the model's own tokenizers"

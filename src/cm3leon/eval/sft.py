@@ -446,9 +446,13 @@ def evaluate(cfg: DictConfig) -> dict:
         else Path(str(cfg.paths.log_dir)) / "eval_sft" / f"{ckpt_sha[:12]}-{_hash(settings)[:10]}"
     )
     claim_out_dir(out_dir, settings, ckpt_sha, what="outcomes")
-    retrieval = _container(cfg.retrieval)  # the prompts' text retrieves (generation.sft.sft_retrieved)
-    pipe = load_pipeline(
-        ckpt, resolve_device(str(cfg.device)), str(cfg.precision), cfg.image_tokenizer, cfg.text_tokenizer, retrieval
+    pipe = load_pipeline(  # with retrieval, the prompts' text retrieves (generation.sft.sft_retrieved)
+        ckpt,
+        resolve_device(str(cfg.device)),
+        str(cfg.precision),
+        cfg.image_tokenizer,
+        cfg.text_tokenizer,
+        settings["retrieval"],
     )
     majority = vqa_majority_of(cfg) if "vqa" in tasks else None
     summaries = {task: run_task(cfg, pipe, task, out_dir, majority) for task in tasks}

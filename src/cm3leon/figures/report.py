@@ -75,14 +75,15 @@ def write(result: dict, fig, out_dir: Path, columns: Sequence[str], root: Path |
     their paths (relative to `root`, the checkout, when they are inside it: the README links them)."""
     name = result["figure"]
     out_dir.mkdir(parents=True, exist_ok=True)
+    png, js = out_dir / f"{name}.png", out_dir / f"{name}.json"
 
     def shown(path: Path) -> str:
         return os.path.relpath(path, root) if root and path.resolve().is_relative_to(root.resolve()) else str(path)
 
-    result = {**result, "png": shown(out_dir / f"{name}.png"), "json": shown(out_dir / f"{name}.json")}
-    save_png(fig, out_dir / f"{name}.png")
+    result = {**result, "png": shown(png), "json": shown(js)}
+    save_png(fig, png)
     result["markdown"] = markdown(result, columns)
-    write_json_atomic(out_dir / f"{name}.json", result, indent=1)
+    write_json_atomic(js, result, indent=1)
     (out_dir / f"{name}.md").write_text(result["markdown"])
     return result
 

@@ -402,6 +402,14 @@ def read_manifest(folder: Path, token_dir: str | Path) -> dict:
     return manifest
 
 
+def bank_tokenizers(folder: str | Path) -> dict[str, str]:
+    """{'image_tokenizer', 'text_tokenizer'}: sha256 of the tokenizers the memory bank's documents in
+    `folder` (a build_index.py folder) were tokenized with."""
+    manifest = read_manifest(Path(folder), Path(folder).parent)
+    meta = manifest["splits"][manifest["bank_split"]]["token_meta"]
+    return {k: meta[k] for k in ("image_tokenizer", "text_tokenizer")}
+
+
 def stale_reason(retrieval_cfg, token_dir: str | Path) -> str | None:
     """Why the retrieval files do not match the token shards and config (None: they do)."""
     cfg = RetrievalConfig.from_any(retrieval_cfg)
