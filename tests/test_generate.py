@@ -209,7 +209,7 @@ class FolderRetriever:
 
     folders: ClassVar[list] = []
 
-    def __init__(self, folder, k: int = 2, device: str = "cpu", n_codes: int = 512, tokens: int = 64):
+    def __init__(self, folder, k: int = 2, device: str = "cpu", tokenizers=None, n_codes: int = 512, tokens: int = 64):
         self.folder, self.k, self.n_codes, self.tokens = Path(folder), k, n_codes, tokens
         FolderRetriever.folders.append(Path(folder))
 
@@ -244,6 +244,23 @@ def test_retrieved_documents_are_used(tiny_ckpt, tmp_path, monkeypatch):
         )
     with pytest.raises(generate.UsageError, match="trained without retrieval"):
         run_generate(f"ckpt={tiny_ckpt}", "prompt=x", "retrieval.k=1", f"out_dir={tmp_path}")
+
+
+def test_a_bank_of_other_tokenizers_is_refused(tiny_ckpt, tiny_bank, tmp_path):
+    """The bank's documents are image codes of the world VQGAN: a model reading another codebook
+    gets a one-line refusal, a model of the same tokenizers its documents."""
+    import generate
+    from cm3leon.generation.pipeline import load_pipeline
+    from project import SHIPPED_DIR
+
+    with pytest.raises(generate.UsageError, match="another image_tokenizer") as e:
+        run_generate(
+            f"ckpt={tiny_ckpt}", "prompt=x", f"retrieval.dir={tiny_bank}", "retrieval.k=1", f"out_dir={tmp_path}"
+        )
+    assert "\n" not in str(e.value) and str(tiny_bank) in str(e.value)
+    pipe = load_pipeline(SHIPPED_DIR / "world_lm.safetensors", retrieval={"k": 1, "dir": str(tiny_bank)})
+    docs = pipe.retrieve(["a large red circle in the top left"])
+    assert pipe.retrieval_k == 1 and len(docs[0]) == 1 and len(docs[0][0].codes) == pipe.tokens_per_image
 
 
 @pytest.mark.slow

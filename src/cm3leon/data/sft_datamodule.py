@@ -274,14 +274,10 @@ class SftDataModule(CM3DataModule):
 
     def _check_bank(self) -> None:
         """The memory bank's documents must be tokens of the SFT shards' tokenizers (one line)."""
-        from cm3leon.retrieval.neighbours import bank_tokenizers
+        from cm3leon.retrieval.neighbours import check_bank_tokenizers
 
-        for key, sha in bank_tokenizers(self.retrieval.dir).items():
-            if sha != (self.meta.get(key) or {}).get("sha256"):
-                raise UsageError(
-                    f"memory bank {self.retrieval.dir} was made with another {key} than the SFT shards in "
-                    f"{self.tokens_dir}: pass retrieval.dir= a bank of the model's own tokenizers"
-                )
+        shas = {key: (self.meta.get(key) or {}).get("sha256") for key in ("image_tokenizer", "text_tokenizer")}
+        check_bank_tokenizers(self.retrieval.dir, shas, f"the SFT shards in {self.tokens_dir}")
 
     def _check_sample_grid(self) -> None:
         """The sampling callback draws plain captions (val_samples): refuse before fit when none exist."""

@@ -172,8 +172,12 @@ def retrieval_settings(retrieval: Mapping | None, meta: Mapping) -> dict:
     return {"k": k, "dir": str(folder)}
 
 
-def open_retriever(retrieval: Any, meta: Mapping, device: str | None = None) -> tuple[DocumentSource | None, int]:
-    """(document source or None, documents per prompt) for `retrieval` (see the module docstring)."""
+def open_retriever(
+    retrieval: Any, meta: Mapping, device: str | None = None, tokenizers: Mapping[str, Path] | None = None
+) -> tuple[DocumentSource | None, int]:
+    """(document source or None, documents per prompt) for `retrieval` (see the module docstring).
+    A memory bank on disk must hold tokens of `tokenizers` ({image_tokenizer, text_tokenizer}: the
+    files the model reads and writes tokens with), else one line refuses it."""
     if retrieval is not None and not isinstance(retrieval, Mapping):  # a DocumentSource object
         if not isinstance(retrieval, DocumentSource) or getattr(retrieval, "k", None) is None:
             raise UsageError(f"retrieval={retrieval!r} needs documents(queries, k) and k (documents per prompt)")
@@ -182,8 +186,10 @@ def open_retriever(retrieval: Any, meta: Mapping, device: str | None = None) -> 
     if settings["k"] == 0:
         return None, 0
     from cm3leon.retrieval.retriever import Retriever
+    from cm3leon.utils import file_sha256
 
-    return Retriever(settings["dir"], k=settings["k"], device=device), settings["k"]
+    shas = None if tokenizers is None else {key: file_sha256(path) for key, path in tokenizers.items()}
+    return Retriever(settings["dir"], k=settings["k"], device=device, tokenizers=shas), settings["k"]
 
 
 @dataclass
@@ -247,7 +253,8 @@ def load_pipeline(
     text_path = tokenizer_path(meta, "text_tokenizer", text_tokenizer)
     image_tok = ImageTokenizer.from_checkpoint(image_path, device=device)
     check_codebook(image_tok, vocab, image_path)
-    retriever, k = open_retriever(retrieval, meta, retrieval_device or device)
+    tokenizers = {"image_tokenizer": image_path, "text_tokenizer": text_path}
+    retriever, k = open_retriever(retrieval, meta, retrieval_device or device, tokenizers)
     return Pipeline(
         model=model.to(device=device, dtype=dtype),
         vocab=vocab,

@@ -410,6 +410,18 @@ def bank_tokenizers(folder: str | Path) -> dict[str, str]:
     return {k: meta[k] for k in ("image_tokenizer", "text_tokenizer")}
 
 
+def check_bank_tokenizers(folder: str | Path, tokenizers: Mapping[str, str | None], user: str) -> None:
+    """Refuse (one line) a memory bank whose documents were tokenized with other tokenizers than
+    `tokenizers` ({'image_tokenizer', 'text_tokenizer'}: sha256), the ones `user` reads tokens with:
+    its image codes would be another codebook's, silently."""
+    for key, sha in bank_tokenizers(folder).items():
+        if sha != tokenizers.get(key):
+            raise UsageError(
+                f"memory bank {folder} was made with another {key} than {user}: pass retrieval.dir= a bank "
+                "built from token shards of the model's own tokenizers (`python src/build_index.py`)"
+            )
+
+
 def stale_reason(retrieval_cfg, token_dir: str | Path) -> str | None:
     """Why the retrieval files do not match the token shards and config (None: they do)."""
     cfg = RetrievalConfig.from_any(retrieval_cfg)

@@ -13,7 +13,7 @@ The same selection rule as training (`select_neighbours`): candidates with relev
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +21,7 @@ import numpy as np
 
 from cm3leon.data.sequences import Document
 from cm3leon.retrieval.index import load_index
-from cm3leon.retrieval.neighbours import RetrievalConfig, read_manifest, select_neighbours
+from cm3leon.retrieval.neighbours import RetrievalConfig, check_bank_tokenizers, read_manifest, select_neighbours
 from cm3leon.retrieval.protocol import RetrievalQuery
 from cm3leon.retrieval.token_store import TokenStore
 
@@ -43,6 +43,9 @@ class Retriever:
             refused (its vectors would not be comparable with the bank's).
         k, max_relevance, duplicate_threshold, search_k: defaults from the manifest's rules.
         nprobe, ef_search: IVF / HNSW search effort (default: as built).
+        tokenizers: {image_tokenizer, text_tokenizer}: sha256 of the tokenizers the caller's model
+            reads tokens with; a bank tokenized with others is refused (its image codes would be
+            another codebook's). None: not checked.
     """
 
     def __init__(
@@ -56,11 +59,14 @@ class Retriever:
         nprobe: int | None = None,
         ef_search: int | None = None,
         device: str | None = None,
+        tokenizers: Mapping[str, str] | None = None,
     ):
         from cm3leon.retrieval.clip_encoder import DocumentEncoder
 
         self.folder = Path(folder)
         self.manifest = read_manifest(self.folder, self.folder.parent)
+        if tokenizers is not None:
+            check_bank_tokenizers(self.folder, tokenizers, "the model's tokenizers")
         built = self.manifest["encoder"]
         if encoder is None:
             encoder = DocumentEncoder(built["model_name"], built["pretrained"], device=device)
