@@ -22,7 +22,7 @@ def sft_data(tmp_path_factory):
     return make_sft_world_tokens(root), make_tiny_lm(root / "lm.ckpt", SHIPPED_VQ, max_seq_len=SEQ_LEN)
 
 
-def sft_args(tokens, run_dir, ckpt, *extra: str) -> list[str]:
+def sft_args(tokens, run_dir, ckpt, *extra: str, validate: bool = False) -> list[str]:
     # small_run_args' model overrides are replaced by the checkpoint's architecture
     return small_run_args(
         tokens,
@@ -30,7 +30,7 @@ def sft_args(tokens, run_dir, ckpt, *extra: str) -> list[str]:
         "experiment=sft_world",
         f"ckpt_init={ckpt}",
         "ckpt_path=last",  # one command line starts the run and resumes it
-        "trainer.limit_val_batches=0",
+        "trainer.val_check_interval=1" if validate else "trainer.limit_val_batches=0",
         "trainer.log_every_n_steps=1",
         *extra,
     )
@@ -85,6 +85,23 @@ def test_sft_with_retrieval_trains_and_records_its_bank(sft_data, tiny_bank, tmp
     batches = [json.loads(line) for line in (run / "batch_keys.jsonl").read_text().splitlines()]
     retrieved = [n for b in batches for n in b["n_retrieved"]]
     assert len(batches) == 2 and max(retrieved) > 0  # (a 256-token context leaves no room beside an edit)
+
+
+def test_sft_validation_logs_the_loss_of_each_source(sft_data, tmp_path):
+    """Unpacked validation rows carry their source: val/loss_source/<name> per task, the overall
+    val/loss their token-weighted mean (so between the smallest and the largest)."""
+    tokens, ckpt = sft_data
+    run = tmp_path / "run"
+    proc = run_train(sft_args(tokens, run, ckpt, "trainer.max_steps=1", "data.val_max_samples=20", validate=True))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(run / "csv" / "metrics.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("val/loss")]
+    assert len(rows) == 1
+    per_source = {k.removeprefix("val/loss_source/"): float(v) for k, v in rows[0].items() if "loss_source/" in k}
+    assert set(per_source) == {"edit", "control", "grounded", "vqa", "caption"}
+    overall = float(rows[0]["val/loss"])
+    assert min(per_source.values()) < overall < max(per_source.values()), (overall, per_source)
+    assert len(set(per_source.values())) == 5  # five different losses, not one value logged five times
 
 
 def test_a_vocabulary_mismatch_is_refused_in_one_line(sft_data, tmp_path):

@@ -298,7 +298,7 @@ class SftDataModule(CM3DataModule):
 
     # ---- examples and batches ------------------------------------------------------------
     def make_example(self, record: SftRecord, rng: np.random.Generator) -> dict:
-        """One SFT record -> {'ids': int64 [n <= seq_len], 'loss_mask': bool [n], 'key', 'n_retrieved'}."""
+        """One SFT record -> {'ids': int64 [n <= seq_len], 'loss_mask': bool [n], 'key', 'source', 'n_retrieved'}."""
         ids, mask, n_retrieved = record.ids, record.loss_mask, 0
         if self.prompt_retrieval is not None:
             docs = self.prompt_retrieval.documents(record.sample)
@@ -308,11 +308,20 @@ class SftDataModule(CM3DataModule):
         elif self.cm3:
             ex = cm3_transform(ids, self.vocab, rng, seq_len=self.seq_len, **self.transform_kwargs)
             ids, mask = ex.ids, cm3_target_mask(mask, ex)
-        return {"ids": ids, "loss_mask": mask, "key": record.key, "n_retrieved": n_retrieved}
+        return {
+            "ids": ids,
+            "loss_mask": mask,
+            "key": record.key,
+            "source": record.meta["source"],
+            "n_retrieved": n_retrieved,
+        }
 
     def collate(self, items: list) -> dict:
-        """CM3DataModule's batch; with loss_on=target every target outside the masks is -100."""
+        """CM3DataModule's batch; with loss_on=target every target outside the masks is -100.
+        Unpacked rows also carry `sources` (each row's source name: the per-source validation loss)."""
         out = super().collate(items)
+        if items and not isinstance(items[0], Row):
+            out["sources"] = [e["source"] for e in items]
         if self.loss_on == "target":
             width = out["targets"].shape[1] + 1
             masks = np.zeros((len(items), width), dtype=bool)
@@ -352,6 +361,11 @@ class SftDataModule(CM3DataModule):
         # whole examples when packing, one worker: a fixed order (as CM3DataModule)
         stream = self._stream(self.val_shards, self.val_plan, self.seed + 1, False, self._packer(False))
         return self._loader(stream, min(self.num_workers, 1))
+
+    @property
+    def source_names(self) -> tuple[str, ...]:
+        """The mixture's sources in config order: the LightningModule logs val/loss_source/<name> for each."""
+        return tuple(self.sources)
 
     def val_samples(self, n: int) -> list[TokenSample]:
         """The first n validation samples of the plain caption template (`{caption} <break> {image}`,

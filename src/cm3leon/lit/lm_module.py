@@ -162,10 +162,20 @@ class CM3LeonLitModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=B)
         return loss
 
+    def on_validation_epoch_start(self) -> None:
+        # per-source loss sums and counts [S, 2] when the DataModule names its sources (SFT mixtures)
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        self.val_source_names = tuple(getattr(dm, "source_names", ()) or ())
+        self.val_source_sums = torch.zeros(len(self.val_source_names), 2, dtype=torch.float64, device=self.device)
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         losses = self._token_losses(batch)
         targets = batch["targets"]
         valid = targets != IGNORE_INDEX
+        if batch.get("sources") is not None and self.val_source_names:  # unpacked rows: one source each
+            rows = torch.tensor([self.val_source_names.index(s) for s in batch["sources"]], device=losses.device)
+            per_row = torch.stack([(losses * valid).sum(1), valid.sum(1)], 1).double()
+            self.val_source_sums.index_add_(0, rows, per_row)
         kinds = {
             "all": valid,
             "text": valid & self.vocab.is_text(targets),
@@ -188,6 +198,11 @@ class CM3LeonLitModule(L.LightningModule):
                 self.log(name, loss, prog_bar=k == "all", sync_dist=False)
                 if k in ("all", "text", "image"):
                     self.log(name.replace("loss", "ppl"), torch.exp(loss.clamp(max=30)))
+        if self.val_source_names:  # every rank holds the same [S, 2], so the reduce matches across ranks
+            sums = self.trainer.strategy.reduce(self.val_source_sums, reduce_op="sum")
+            for name, (total, count) in zip(self.val_source_names, sums.tolist()):
+                if count > 0:
+                    self.log(f"val/loss_source/{name}", total / count, sync_dist=False)
         counts = self.val_unigram.compute()
         self.val_unigram.reset()
         if counts.sum() > 0:
