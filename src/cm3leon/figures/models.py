@@ -12,9 +12,14 @@ from cm3leon.figures.runner import FigureContext
 
 
 def evaluate_model(ctx: FigureContext, model: str, k: int = 0) -> dict:
-    """{row: the figure's point, correct: [n] bool, features: [n, D], nll: [n]} of `model` with k
-    retrieved documents (from the world's memory bank, by the caption text)."""
-    ckpt = ctx.train(model)
+    """{row: the figure's point, correct: [n] bool, features: [n, D], nll: [n]} of figure model
+    `model` (trained first when needed) with k retrieved documents (from the world's memory bank,
+    by the caption text)."""
+    return evaluate_checkpoint(ctx, ctx.train(model), model, k)
+
+
+def evaluate_checkpoint(ctx: FigureContext, ckpt, model: str, k: int = 0) -> dict:
+    """`evaluate_model` of any checkpoint, named `model` in the rows and the caches."""
     overrides = [*ctx.cfg.model_decoding, f"retrieval.k={k}"]
     if k:
         overrides.append(f"retrieval.dir={ctx.retrieval_dir()}")

@@ -5,12 +5,18 @@ the same steps and batch of query documents, each evaluated with 0, 1 and 2 docu
 the caption text from the training set. Verdict tests: the retrieval-trained model with 2 documents
 against the plain model with none (image NLL: Wilcoxon; caption accuracy: McNemar; Frechet
 distance: paired bootstrap); the same model with 2 vs 0 documents is reported beside.
+
+Training with retrieval puts the documents' tokens in the loss too (PAPER.md section 3), so at the
+same steps the retrieval model trains on about 3x the tokens. With `retrieval_figure.token_control`
+the shipped plain world model (`shipped_ckpt`, trained longer without retrieval) is evaluated the
+same way and reported against the retrieval model with 2 documents: a control at about the same
+training tokens (README "Claims" gives both token counts).
 """
 
 from __future__ import annotations
 
 from cm3leon.figures import report, stats
-from cm3leon.figures.models import evaluate_model, model_settings
+from cm3leon.figures.models import evaluate_checkpoint, evaluate_model, model_settings
 from cm3leon.figures.runner import FigureContext
 
 
@@ -33,7 +39,14 @@ def make(ctx: FigureContext) -> dict:
         f"accuracy: retrieval-trained k={hi} vs k={lo}": stats.accuracy_test(r0["correct"], b["correct"]),
         f"NLL: plain model k={hi} vs k={lo}": stats.loss_test(a["nll"], out[("base", hi)]["nll"]),
     }
-    rows = [v["row"] for v in out.values()]
+    control = None
+    if cfg.retrieval_figure.token_control:
+        control = evaluate_checkpoint(ctx, ctx.shipped_ckpt(), "shipped", lo)
+        what = f"retrieval-trained k={hi} vs the shipped plain model k={lo}"
+        more[f"NLL: {what}"] = stats.loss_test(control["nll"], b["nll"])
+        more[f"accuracy: {what}"] = stats.accuracy_test(control["correct"], b["correct"])
+        more[f"FD: {what}"] = stats.frechet_test(control["features"], b["features"], ref)
+    rows = [v["row"] for v in out.values()] + ([control["row"]] if control else [])
     fig, axes = report.new_axes(3)
     for i, m in enumerate(("base", "retrieval")):
         pts = [r for r in rows if r["model"] == m]
@@ -54,9 +67,20 @@ def make(ctx: FigureContext) -> dict:
     axes[2].set(
         xlabel="retrieved documents at evaluation", ylabel="FD (tiny CLIP)", title="Frechet distance (lower is better)"
     )
+    if control:
+        for ax, key in zip(axes, ("image_nll", "caption_accuracy", "fd_tiny_clip")):
+            ax.plot(
+                [lo],
+                [control["row"][key]],
+                marker="*",
+                markersize=12,
+                linestyle="",
+                color="C2",
+                label="plain, trained longer (about the same tokens)",
+            )
     for ax in axes:
         ax.set_xticks(ks)
-    axes[0].legend()
+    axes[1].legend(loc="center right", fontsize="small")  # the empty part of the three panels
     n = len(a["correct"])
     text = {
         "title": "Retrieval augmentation (the paper's Table 1 in miniature)",
@@ -65,6 +89,8 @@ def make(ctx: FigureContext) -> dict:
         "paper": "CM3Leon-7B FID 10.82 / 5.78 / 4.88 with 0 / 1 / 2 retrieved documents",
     }
     settings = model_settings(ctx, ("base", "retrieval"))
+    if control:
+        settings["token_control"] = str(ctx.shipped_ckpt())
     cols = ["model", "retrieved", "image_nll", "nll_se", "caption_accuracy", "accuracy_se", "fd_tiny_clip"]
     series = [
         (x, y, "model")
