@@ -198,7 +198,7 @@ class CM3LeonLitModule(L.LightningModule):
                 self.log(name, loss, prog_bar=k == "all", sync_dist=False)
                 if k in ("all", "text", "image"):
                     self.log(name.replace("loss", "ppl"), torch.exp(loss.clamp(max=30)))
-        if self.val_source_names:  # every rank holds the same [S, 2], so the reduce matches across ranks
+        if self.val_source_names:  # every rank holds an [S, 2] of the same S, so each rank calls the reduce once
             sums = self.trainer.strategy.reduce(self.val_source_sums, reduce_op="sum")
             for name, (total, count) in zip(self.val_source_names, sums.tolist()):
                 if count > 0:
