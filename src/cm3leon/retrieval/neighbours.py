@@ -402,20 +402,16 @@ def read_manifest(folder: Path, token_dir: str | Path) -> dict:
     return manifest
 
 
-def bank_tokenizers(folder: str | Path) -> dict[str, str]:
-    """{'image_tokenizer', 'text_tokenizer'}: sha256 of the tokenizers the memory bank's documents in
-    `folder` (a build_index.py folder) were tokenized with."""
-    manifest = read_manifest(Path(folder), Path(folder).parent)
-    meta = manifest["splits"][manifest["bank_split"]]["token_meta"]
-    return {k: meta[k] for k in ("image_tokenizer", "text_tokenizer")}
-
-
-def check_bank_tokenizers(folder: str | Path, tokenizers: Mapping[str, str | None], user: str) -> None:
+def check_bank_tokenizers(
+    folder: str | Path, tokenizers: Mapping[str, str | None], user: str, manifest: Mapping | None = None
+) -> None:
     """Refuse (one line) a memory bank whose documents were tokenized with other tokenizers than
     `tokenizers` ({'image_tokenizer', 'text_tokenizer'}: sha256), the ones `user` reads tokens with:
-    its image codes would be another codebook's, silently."""
-    for key, sha in bank_tokenizers(folder).items():
-        if sha != tokenizers.get(key):
+    its image codes would be another codebook's, silently. `manifest`: the folder's, when already read."""
+    manifest = manifest or read_manifest(Path(folder), Path(folder).parent)
+    bank = manifest["splits"][manifest["bank_split"]]["token_meta"]
+    for key in ("image_tokenizer", "text_tokenizer"):
+        if bank[key] != tokenizers.get(key):
             raise UsageError(
                 f"memory bank {folder} was made with another {key} than {user}: pass retrieval.dir= a bank "
                 "built from token shards of the model's own tokenizers (`python src/build_index.py`)"

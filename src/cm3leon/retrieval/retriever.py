@@ -66,7 +66,7 @@ class Retriever:
         self.folder = Path(folder)
         self.manifest = read_manifest(self.folder, self.folder.parent)
         if tokenizers is not None:
-            check_bank_tokenizers(self.folder, tokenizers, "the model's tokenizers")
+            check_bank_tokenizers(self.folder, tokenizers, "the model's tokenizers", self.manifest)
         built = self.manifest["encoder"]
         if encoder is None:
             encoder = DocumentEncoder(built["model_name"], built["pretrained"], device=device)
