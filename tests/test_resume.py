@@ -86,12 +86,11 @@ def ckpt_step(path: Path) -> int:
 @pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGUSR1, marks=pytest.mark.slow)])
 def test_signal_saves_the_current_step_exits_nonzero_and_resumes(sig, tiny_tokens, tmp_path):
     run = tmp_path / "run"
-    common = [
-        KEYS,
-        "trainer.limit_val_batches=0",
-        "callbacks.model_checkpoint.every_n_train_steps=1000",  # no regular checkpoint before the signal
-    ]
-    proc = start_train(small_run_args(tiny_tokens, run, "trainer.max_steps=100000", "ckpt_path=last", *common))
+    common = [KEYS, "trainer.limit_val_batches=0"]
+    no_regular = "callbacks.model_checkpoint.every_n_train_steps=1000"  # no regular checkpoint before the signal
+    proc = start_train(
+        small_run_args(tiny_tokens, run, "trainer.max_steps=100000", "ckpt_path=last", no_regular, *common)
+    )
     wait_for(lambda: n_lines(run / "batch_keys.jsonl") >= 4, proc)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
@@ -102,10 +101,15 @@ def test_signal_saves_the_current_step_exits_nonzero_and_resumes(sig, tiny_token
     assert ckpt_step(run / "checkpoints" / "last.ckpt") == steps
     if sig == signal.SIGUSR1:
         return
-    # the same command resumes; the final step is saved although 1000 is not reached
-    proc = run_train(small_run_args(tiny_tokens, run, f"trainer.max_steps={steps + 2}", "ckpt_path=last", *common))
+    # the same command resumes; ModelCheckpoint's next last overwrites the preemption's last.ckpt
+    # (it wrote last-v1.ckpt beside it, and `ckpt=RUN/checkpoints/last.ckpt` read the stale step)
+    every = f"callbacks.model_checkpoint.every_n_train_steps={steps + 1}"
+    proc = run_train(
+        small_run_args(tiny_tokens, run, f"trainer.max_steps={steps + 2}", "ckpt_path=last", every, *common)
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert ckpt_step(run / "checkpoints" / "last.ckpt") == steps + 2
+    assert sorted(p.name for p in (run / "checkpoints").glob("last*")) == ["last.ckpt"]
     keys = read_keys(run)
     assert sorted(keys) == list(range(steps + 2)) and n_lines(run / "batch_keys.jsonl") == steps + 2
 

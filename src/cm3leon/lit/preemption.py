@@ -8,7 +8,8 @@ current training step, or between two validation batches) by raising `SIGTERMExc
 - makes SIGUSR1 (what SLURM sends before the time limit, `#SBATCH --signal=USR1@120`) stop the
   same way;
 - saves `<checkpoint dir>/last.ckpt` when the loops stop (`on_exception`): every rank has finished
-  the same step, so the checkpoint holds the step's weights, optimizer and data position;
+  the same step, so the checkpoint holds the step's weights, optimizer and data position; it is
+  the ModelCheckpoint's own last, which the resumed run overwrites (not `last-v1.ckpt` beside it);
 - under SLURM, after SIGUSR1, requeues the job (`scontrol requeue`, as Lightning's
   `SLURMEnvironment(auto_requeue=True)` does; Lightning's own handler, which saves at the moment
   the signal lands, mid-step, is not installed because this one is);
@@ -66,6 +67,13 @@ class Preemption(L.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         if self.signum is not None:  # a signal before Lightning registered its handlers reset the flag
             trainer._signal_connector.received_sigterm = True
+        callback = trainer.checkpoint_callback
+        resumed = Path(trainer.ckpt_path or "")
+        ours = resumed.name.startswith("last") and resumed.parent.resolve() == checkpoint_dir(trainer).resolve()
+        if getattr(callback, "save_last", False) and ours:
+            # resumed from our last: ModelCheckpoint's next last overwrites last.ckpt. Its state in the
+            # checkpoint may not say so (another every_n_train_steps is another state key; older runs)
+            callback.last_model_path = str(checkpoint_dir(trainer) / "last.ckpt")
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         self._saved_step = trainer.global_step
@@ -73,25 +81,33 @@ class Preemption(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         if self._saved_step == trainer.global_step:
             return  # a checkpoint of the final step exists
-        path = checkpoint_dir(trainer) / "last.ckpt"
-        trainer.save_checkpoint(path)
-        callback = trainer.checkpoint_callback
-        if getattr(callback, "save_last", False):
-            # ModelCheckpoint (after us) saves last.ckpt at the end when it saved none in this process;
-            # finding ours there it would write last-v1.ckpt: tell it this one is its last
-            callback._last_checkpoint_saved = callback.last_model_path = str(path)
+        save_last(trainer)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException):
             return
         self.signum = self.signum or signal.SIGTERM
-        self.saved = checkpoint_dir(trainer) / "last.ckpt"
-        trainer.save_checkpoint(self.saved)  # every rank takes part (barrier, sharded state)
+        self.saved = save_last(trainer)  # every rank takes part (barrier, sharded state)
         slurm_job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
         if self.requeue and self.signum == signal.SIGUSR1 and slurm_job and trainer.is_global_zero:
             if task := os.environ.get("SLURM_ARRAY_TASK_ID") if os.environ.get("SLURM_ARRAY_JOB_ID") else None:
                 slurm_job = f"{slurm_job}_{task}"
             self.requeued = subprocess.call(["scontrol", "requeue", slurm_job]) == 0
+
+
+def save_last(trainer) -> Path:
+    """Save the current step to `<checkpoint dir>/last.ckpt` as the ModelCheckpoint's own last.
+
+    ModelCheckpoint (save_last) writes `last-v1.ckpt` when it finds a last.ckpt it did not write,
+    leaving `ckpt=RUN/checkpoints/last.ckpt` a stale step: so the file is made its last first, which
+    also travels in the checkpoint (its state) to the resumed run; it then saves at the end only
+    when it has no last, and overwrites this one."""
+    path = checkpoint_dir(trainer) / "last.ckpt"
+    callback = trainer.checkpoint_callback
+    if getattr(callback, "save_last", False):
+        callback._last_checkpoint_saved = callback.last_model_path = str(path)
+    trainer.save_checkpoint(path)
+    return path
 
 
 def checkpoint_dir(trainer) -> Path:
