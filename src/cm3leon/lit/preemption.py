@@ -96,12 +96,9 @@ class Preemption(L.Callback):
 
 
 def save_last(trainer) -> Path:
-    """Save the current step to `<checkpoint dir>/last.ckpt` as the ModelCheckpoint's own last.
-
-    ModelCheckpoint (save_last) writes `last-v1.ckpt` when it finds a last.ckpt it did not write,
-    leaving `ckpt=RUN/checkpoints/last.ckpt` a stale step: so the file is made its last first, which
-    also travels in the checkpoint (its state) to the resumed run; it then saves at the end only
-    when it has no last, and overwrites this one."""
+    """Save the current step to `<checkpoint dir>/last.ckpt` as the ModelCheckpoint's own last: in
+    this process it then writes no second last at the end, and its later saves overwrite this file
+    (one it did not write it would leave stale beside `last-v1.ckpt`; a resumed run: on_train_start)."""
     path = checkpoint_dir(trainer) / "last.ckpt"
     callback = trainer.checkpoint_callback
     if getattr(callback, "save_last", False):
