@@ -84,10 +84,12 @@ world-model: install  ## train the shipped world model (world_long to 8,000 step
 
 SHIPPED_SFT := data/shipped/world_sft.safetensors
 SFT_RUN := logs/train/sft_world
+SFT_EDIT_RUN := logs/train/sft_world_edit
 SFT_EVAL := logs/eval_sft
-sft: install  ## instruction tuning of the shipped world model (experiment=sft_world: ~25 min of data, ~75 min of training on 2 cores; rerun to resume), $(SHIPPED_SFT), then base vs SFT on 500 val samples per task: docs/figures/sft.*
+sft: install  ## instruction tuning of the shipped world model in two stages (experiment=sft_world, then sft_world_edit: ~25 min of data, ~2 h of training on 2 cores; rerun to resume), $(SHIPPED_SFT), then base vs SFT on 500 val samples per task: docs/figures/sft.*
 	$(PY) src/train.py experiment=sft_world trainer.precision=$(CPU_PRECISION) hydra.run.dir=$(SFT_RUN) ckpt_path=last
-	$(PY) src/convert_checkpoint.py src=$(SFT_RUN)/checkpoints/last.ckpt dst=$(SHIPPED_SFT)
+	$(PY) src/train.py experiment=sft_world_edit ckpt_init=$(SFT_RUN)/checkpoints/last.ckpt trainer.precision=$(CPU_PRECISION) hydra.run.dir=$(SFT_EDIT_RUN) ckpt_path=last
+	$(PY) src/convert_checkpoint.py src=$(SFT_EDIT_RUN)/checkpoints/last.ckpt dst=$(SHIPPED_SFT)
 	$(PY) src/eval_sft.py ckpt=$(SHIPPED_LM) out_dir=$(SFT_EVAL)/base
 	$(PY) src/eval_sft.py ckpt=$(SHIPPED_SFT) out_dir=$(SFT_EVAL)/sft
 	$(PY) src/eval_sft.py compare=[$(SFT_EVAL)/base,$(SFT_EVAL)/sft]

@@ -131,6 +131,12 @@ def test_sft_configs_compose_with_the_papers_recipe(compose_config):
     world = compose_config("train", ["experiment=sft_world"])
     assert world.ckpt_init.endswith("data/shipped/world_lm.safetensors") and world.data.embedded_world
     assert {s.n_train for s in world.data.sources.values()} == {20000}
+    # make sft's stage two: from stage one's last checkpoint, editing upweighted, the rest as stage one
+    stage_two = compose_config("train", ["experiment=sft_world_edit"])
+    assert stage_two.ckpt_init.endswith("logs/train/sft_world/checkpoints/last.ckpt")
+    weights = {name: s.weight for name, s in stage_two.data.sources.items()}
+    assert weights == {"edit": 3.0, "control": 1.0, "grounded": 1.0, "vqa": 1.0, "caption": 1.0}
+    assert stage_two.optim.lr == world.optim.lr / 2 and stage_two.trainer.max_steps == 2000
 
 
 def test_instruction_tuning_without_a_pretrained_model_is_refused(compose_config, tmp_path):
