@@ -103,6 +103,41 @@ def test_trivial_baselines(evaluated):
     assert result["tasks"]["vqa"]["baseline_accuracy"] == np.mean([r["baseline_correct"] for r in vqa])
 
 
+class BlockTokenizer:
+    """A tokenizer with local codes: one code per 8 x 8 pixel block, equal iff the blocks are."""
+
+    def encode(self, images) -> torch.Tensor:
+        codes = []
+        for im in images:
+            blocks = np.asarray(im).reshape(8, 8, 8, 8, 3).swapaxes(1, 2).reshape(64, -1)
+            codes.append([hash(b.tobytes()) % 2**31 for b in blocks])
+        return torch.tensor(codes)
+
+
+def test_edit_token_overlap_pairs_each_source_with_its_target(evaluated):
+    from cm3leon.eval.sft import edit_token_overlap
+
+    samples = list(sft_samples("edit", "val", 7))
+    pixels = [sample_images(s) for s in samples]
+    assert pixels[0]["image1"].shape == (64, 64, 3)
+    # reference: the share of 8 x 8 blocks that no pixel of the edit changes, from the pixels
+    kept = [
+        float(np.mean((p["image1"] == p["image2"]).reshape(8, 8, 8, 8, 3).swapaxes(1, 2).reshape(64, -1).all(-1)))
+        for p in pixels
+    ]
+    got = edit_token_overlap(BlockTokenizer(), samples, batch=3)  # three batches, the last one short
+    assert got["mean"] == pytest.approx(np.mean(kept)) and 0 < got["mean"] < 1
+    by_op: dict = {}
+    for s, k in zip(samples, kept):
+        by_op.setdefault(s.op, []).append(k)
+    assert got["by_op"] == pytest.approx({op: np.mean(v) for op, v in by_op.items()})
+    # the evaluation reports it for the tokenizer it ran with, in the json and the table
+    out, result = evaluated
+    overlap = result["tasks"]["edit"]["source_target_token_overlap"]
+    assert 0 <= overlap["mean"] <= 1 and set(overlap["by_op"]) <= {s.op for s in sft_samples("edit", "val", N)}
+    assert "share" in (out / "sft_eval.md").read_text()
+
+
 def test_resume_reuses_outcomes_and_images(evaluated, sft_ckpt, tmp_path, monkeypatch):
     import cm3leon.generation.sft as sft
 

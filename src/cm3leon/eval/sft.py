@@ -22,7 +22,8 @@ Outputs under out_dir (default `<log_dir>/eval_sft/<checkpoint sha256[:12]>-<set
     settings.json                 what the outputs are made with; a folder of other settings is refused
     <task>/outcomes.jsonl         one line per sample: index, key, correct, what was made, baseline
     <task>/images/<index>.png     the generated images (edit, control, grounded)
-    sft_eval.json, sft_eval.md    accuracies (± standard error), baselines, details, elapsed per task
+    sft_eval.json, sft_eval.md    accuracies (± standard error), baselines, details, elapsed per task;
+                                  edit: how many token positions source and target share (`edit_token_overlap`)
 
 Resumable: samples with an outcome line are kept, images on disk are scored without being
 generated again; a larger n adds samples. Generation is batched, `max_rows` rows per forward
@@ -151,6 +152,26 @@ def score_image(sample, image: np.ndarray) -> dict:
         row.update(boxes=boxes, boxes_correct=all(boxes))
     row["correct"] = bool(res.correct and row.get("boxes_correct", True))
     return row
+
+
+def edit_token_overlap(image_tokenizer, samples, batch: int = 256) -> dict:
+    """How much of an edit can be copied in token space: the fraction of image token positions
+    where the source and the target image get the same code, averaged over the edit samples ->
+    {"mean": float, "by_op": {op: float}}. A tokenizer with local codes keeps most of an edit's
+    positions; the world VQGAN (self-attention in its encoder) keeps few (README, "Instruction tuning")."""
+    from cm3leon.data.sft_world import sample_images
+
+    same: list[float] = []
+    for c in range(0, len(samples), batch):
+        chunk = samples[c : c + batch]
+        pairs = [sample_images(s) for s in chunk]
+        codes = image_tokenizer.encode([p["image1"] for p in pairs] + [p["image2"] for p in pairs])
+        src, tgt = codes[: len(chunk)], codes[len(chunk) :]  # [B, h*w] each
+        same += (src == tgt).float().mean(1).tolist()
+    by: dict = defaultdict(list)
+    for s, f in zip(samples, same):
+        by[s.op].append(f)
+    return {"mean": float(np.mean(same)), "by_op": {op: float(np.mean(v)) for op, v in sorted(by.items())}}
 
 
 def score_text(sample, text: str, majority: dict[str, str] | None = None) -> dict:
@@ -346,6 +367,8 @@ def run_task(cfg: DictConfig, pipe, task: str, out_dir: Path, majority: dict | N
     rows_by_index = read_outcomes(outcomes_path)
     rows = [rows_by_index[s.index] for s in samples]
     summary = summarize(task, rows)
+    if task == "edit":
+        summary["source_target_token_overlap"] = edit_token_overlap(pipe.image_tokenizer, samples)
     summary.update(generated_now=generated, reused=len(samples) - generated, elapsed_s=round(time.time() - t0, 1))
     print(
         f"[eval_sft] {task}: accuracy {summary['accuracy']:.3f} ± {summary['se']:.3f} on {summary['n']} samples "
@@ -417,6 +440,10 @@ def markdown_table(result: dict) -> str:
         if "baseline_accuracy" in s:
             base = f"{s['baseline_accuracy']:.3f} ({BASELINE_NAMES[task]})"
         lines.append(f"| {task} | {METRIC_NAMES[task]} | {s['accuracy']:.3f} ± {s['se']:.3f} | {s['n']} | {base} |")
+    overlap = result["tasks"].get("edit", {}).get("source_target_token_overlap")
+    if overlap:
+        by_op = ", ".join(f"{op} {f:.3f}" for op, f in overlap["by_op"].items())
+        lines += ["", f"Edit source and target images share {overlap['mean']:.3f} of their token positions ({by_op})."]
     return "\n".join(lines) + "\n"
 
 
