@@ -103,15 +103,16 @@ def test_trivial_baselines(evaluated):
     assert result["tasks"]["vqa"]["baseline_accuracy"] == np.mean([r["baseline_correct"] for r in vqa])
 
 
+def pixel_blocks(image) -> np.ndarray:
+    """uint8 [64, 64, 3] -> its 8 x 8 pixel blocks, row-major: [64, 192]."""
+    return np.asarray(image).reshape(8, 8, 8, 8, 3).swapaxes(1, 2).reshape(64, -1)
+
+
 class BlockTokenizer:
     """A tokenizer with local codes: one code per 8 x 8 pixel block, equal iff the blocks are."""
 
     def encode(self, images) -> torch.Tensor:
-        codes = []
-        for im in images:
-            blocks = np.asarray(im).reshape(8, 8, 8, 8, 3).swapaxes(1, 2).reshape(64, -1)
-            codes.append([hash(b.tobytes()) % 2**31 for b in blocks])
-        return torch.tensor(codes)
+        return torch.tensor([[hash(b.tobytes()) % 2**31 for b in pixel_blocks(im)] for im in images])
 
 
 def test_edit_token_overlap_pairs_each_source_with_its_target(evaluated):
@@ -121,10 +122,7 @@ def test_edit_token_overlap_pairs_each_source_with_its_target(evaluated):
     pixels = [sample_images(s) for s in samples]
     assert pixels[0]["image1"].shape == (64, 64, 3)
     # reference: the share of 8 x 8 blocks that no pixel of the edit changes, from the pixels
-    kept = [
-        float(np.mean((p["image1"] == p["image2"]).reshape(8, 8, 8, 8, 3).swapaxes(1, 2).reshape(64, -1).all(-1)))
-        for p in pixels
-    ]
+    kept = [float(np.mean((pixel_blocks(p["image1"]) == pixel_blocks(p["image2"])).all(-1))) for p in pixels]
     got = edit_token_overlap(BlockTokenizer(), samples, batch=3)  # three batches, the last one short
     assert got["mean"] == pytest.approx(np.mean(kept)) and 0 < got["mean"] < 1
     by_op: dict = {}
